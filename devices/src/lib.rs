@@ -1,0 +1,66 @@
+//! Device buses, interrupt lines and legacy platform devices for vmkit VMMs.
+//!
+//! This crate provides the pieces a vCPU run loop dispatches guest I/O to:
+//!
+//! * [`bus`]: an address-range bus ([`Bus`]) for either port I/O or MMIO, and
+//!   [`IoBus`], the pair of buses a vCPU dispatches to, with a defined result
+//!   for accesses that hit no device.
+//! * [`interrupt`]: the [`InterruptLine`] abstraction devices use to signal the
+//!   guest, plus simple implementations for tests and non-KVM users.
+//! * [`serial`]: a complete 16550A UART ([`Serial`]).
+//! * [`debug_exit`]: a [`DebugExit`] device that lets a guest end the run with
+//!   an exit code (the classic `isa-debug-exit` at port `0xF4`).
+//!
+//! # Threat model
+//!
+//! The guest controls every access: its address, its width and the data
+//! written, as well as the order and concurrency of accesses from several
+//! vCPUs. Nothing in this crate panics on guest-controlled input; malformed
+//! accesses are reported as errors ([`DeviceError`], [`BusError`]), and
+//! [`IoBus`] turns those errors into the behaviour of real hardware (reads of
+//! all-ones, dropped writes) while counting them in [`IoBusStats`]. Buffers
+//! that a guest could grow (such as the UART receive FIFO) are bounded.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmkit_devices::{DebugExit, IoAction, IoBus, NullLine, Serial, StopRequest};
+//!
+//! let io = IoBus::new();
+//! let serial = Arc::new(Serial::new(Box::new(std::io::sink()), Arc::new(NullLine)));
+//! io.pio.insert(0x3f8, 8, serial).unwrap();
+//! io.pio.insert(0xf4, 4, Arc::new(DebugExit::new())).unwrap();
+//!
+//! // The guest prints a character...
+//! assert_eq!(io.pio_write(0x3f8, b"A"), IoAction::Continue);
+//! // ...reads the line status register (THR empty, transmitter empty)...
+//! let mut lsr = [0u8; 1];
+//! io.pio_read(0x3fd, &mut lsr);
+//! assert_eq!(lsr[0] & 0x60, 0x60);
+//! // ...and asks the VMM to stop with exit code 0x10.
+//! assert_eq!(
+//!     io.pio_write(0xf4, &[0x10]),
+//!     IoAction::Stop(StopRequest::Exit(0x10))
+//! );
+//! // A port nobody decodes reads as all-ones and is counted.
+//! let mut miss = [0u8; 2];
+//! io.pio_read(0x1234, &mut miss);
+//! assert_eq!(miss, [0xff, 0xff]);
+//! assert_eq!(io.stats().pio_read_misses, 1);
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod debug_exit;
+pub mod interrupt;
+pub mod serial;
+
+pub use bus::{
+    AddressSpace, Bus, BusDevice, BusError, BusRange, DeviceError, IoAction, IoBus, IoBusStats,
+    StopRequest,
+};
+pub use debug_exit::DebugExit;
+pub use interrupt::{CallbackLine, InterruptError, InterruptLine, NullLine, RecordingLine};
+pub use serial::Serial;

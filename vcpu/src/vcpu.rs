@@ -1,0 +1,651 @@
+//! A vCPU: mode setup (real, protected, long), CPUID, MSRs and the run loop.
+
+use std::fmt;
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmkit_memory::GuestMemoryMmap;
+
+use crate::cpuid::{filter_cpuid, CpuidConfig};
+use crate::io::{IoAction, IoHandler};
+
+/// Errors from configuring or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// An ioctl on the vCPU failed.
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        /// The operation that failed.
+        op: &'static str,
+        /// The error from KVM.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only some of the MSRs.
+    #[error("KVM_SET_MSRS stopped at MSR {msr:#x} ({set} of {total} set)")]
+    Msr {
+        /// The first MSR KVM refused.
+        msr: u32,
+        /// How many were set.
+        set: usize,
+        /// How many were asked for.
+        total: usize,
+    },
+    /// The GDT could not be written into guest memory.
+    #[error("cannot write the GDT at guest {addr:#x}: {source}")]
+    Gdt {
+        /// Where the GDT was to go.
+        addr: u64,
+        /// What vm-memory reported.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A boot setting is invalid for the chosen mode.
+    #[error("invalid boot setting: {0}")]
+    InvalidBoot(&'static str),
+    /// `KVM_RUN` kept returning EAGAIN.
+    #[error("KVM_RUN returned EAGAIN {0} times in a row")]
+    Busy(u32),
+    /// `KVM_RUN` failed.
+    #[error("KVM_RUN failed: {0}")]
+    Run(#[source] kvm_ioctls::Error),
+}
+
+/// Selector of the code segment in the GDT vmkit writes (as Linux's
+/// `__BOOT_CS`).
+pub const BOOT_CS: u16 = 0x10;
+/// Selector of the data segment (as Linux's `__BOOT_DS`).
+pub const BOOT_DS: u16 = 0x18;
+/// Selector of the TSS (a 16-byte system descriptor in long mode).
+pub const BOOT_TSS: u16 = 0x20;
+/// Size in bytes of the GDT vmkit writes: null, unused, code, data and a
+/// 16-byte TSS descriptor.
+pub const GDT_SIZE: u64 = 48;
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+/// The mode a vCPU starts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMode {
+    /// 16-bit real mode. The entry point is a linear address: below 64 KiB
+    /// it runs with CS = 0 and IP = entry; above, with CS = entry >> 4. DS,
+    /// ES, FS, GS and SS are 0 (so the stack must lie below 64 KiB).
+    Real,
+    /// 32-bit protected mode, paging off, flat 4 GiB segments.
+    Protected {
+        /// Where to write the GDT ([`GDT_SIZE`] bytes of RAM).
+        gdt: u64,
+    },
+    /// 64-bit long mode with 4-level paging.
+    Long {
+        /// Where to write the GDT ([`GDT_SIZE`] bytes of RAM).
+        gdt: u64,
+        /// CR3: the PML4's guest-physical address (see
+        /// [`vmkit_memory::pagetable::build_identity_map`]).
+        cr3: u64,
+    },
+}
+
+/// How to start a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootConfig {
+    /// The CPU mode.
+    pub mode: CpuMode,
+    /// RIP (a linear address).
+    pub entry: u64,
+    /// RSP.
+    pub stack: u64,
+    /// RSI (the Linux boot protocols pass the zero page here).
+    pub rsi: u64,
+    /// CPUID filtering.
+    pub cpuid: CpuidConfig,
+}
+
+impl BootConfig {
+    /// A configuration for `mode` entering at `entry` with stack `stack`,
+    /// RSI zero and CPUID for a single vCPU.
+    pub fn new(mode: CpuMode, entry: u64, stack: u64) -> Self {
+        BootConfig {
+            mode,
+            entry,
+            stack,
+            rsi: 0,
+            cpuid: CpuidConfig::default(),
+        }
+    }
+}
+
+/// Registers captured when a vCPU stops abnormally.
+#[derive(Debug, Clone, Copy)]
+pub struct RegisterDump {
+    /// General registers (None if KVM could not read them).
+    pub regs: Option<kvm_regs>,
+    /// Segment and control registers (None if KVM could not read them).
+    pub sregs: Option<kvm_sregs>,
+}
+
+impl fmt::Display for RegisterDump {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.regs {
+            Some(r) => {
+                writeln!(
+                    f,
+                    "rip={:#018x} rsp={:#018x} rflags={:#010x}",
+                    r.rip, r.rsp, r.rflags
+                )?;
+                writeln!(
+                    f,
+                    "rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}",
+                    r.rax, r.rbx, r.rcx, r.rdx
+                )?;
+                writeln!(
+                    f,
+                    "rsi={:#018x} rdi={:#018x} rbp={:#018x} r8={:#018x}",
+                    r.rsi, r.rdi, r.rbp, r.r8
+                )?;
+            }
+            None => writeln!(f, "general registers unavailable")?,
+        }
+        match &self.sregs {
+            Some(s) => write!(
+                f,
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}(base {:#x}, l={}, db={})",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base, s.cs.l, s.cs.db
+            ),
+            None => write!(f, "special registers unavailable"),
+        }
+    }
+}
+
+/// The kind of a `KVM_EXIT_SYSTEM_EVENT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SystemEvent {
+    /// The guest asked to power off.
+    Shutdown,
+    /// The guest asked to reset.
+    Reset,
+    /// The guest crashed (e.g. a pvpanic-like report).
+    Crash,
+    /// Another event type.
+    Other(u32),
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Debug, Clone)]
+pub enum StopReason {
+    /// A device asked to end the run with this exit code (e.g. the
+    /// debug-exit port).
+    Exit(u32),
+    /// A device asked for a reset (e.g. the i8042's 0xFE command).
+    Reset,
+    /// A device asked to power off.
+    PowerOff,
+    /// The guest executed HLT (only seen without the in-kernel irqchip,
+    /// which otherwise handles HLT itself).
+    Hlt,
+    /// Triple fault or another shutdown condition.
+    Shutdown(Box<RegisterDump>),
+    /// KVM reported a system event.
+    SystemEvent {
+        /// The event.
+        kind: SystemEvent,
+        /// The first data word (flags), 0 if none.
+        data: u64,
+    },
+    /// KVM could not handle an exit (e.g. an instruction its emulator does
+    /// not know).
+    InternalError {
+        /// `KVM_INTERNAL_ERROR_*` sub-error.
+        suberror: u32,
+        /// The first data words KVM supplied (up to 4).
+        data: [u64; 4],
+        /// Registers at the failure.
+        registers: Box<RegisterDump>,
+    },
+    /// VM entry failed (invalid guest state).
+    FailEntry {
+        /// Hardware entry-failure reason.
+        reason: u64,
+        /// Host CPU the entry failed on.
+        cpu: u32,
+        /// Registers at the failure.
+        registers: Box<RegisterDump>,
+    },
+    /// `KVM_RUN` returned EINTR: a signal arrived (e.g. a kick).
+    Interrupted,
+    /// An exit this run loop does not handle.
+    Unhandled {
+        /// `KVM_EXIT_*` reason.
+        exit_reason: u32,
+        /// Registers at the exit.
+        registers: Box<RegisterDump>,
+    },
+}
+
+/// How many EAGAINs in a row `run` tolerates (KVM returns it once to an AP
+/// that has not been started yet).
+const MAX_EAGAIN: u32 = 1000;
+
+/// A vCPU of a [`Vm`](crate::Vm).
+#[derive(Debug)]
+pub struct Vcpu {
+    // Dropped before `memory`: the guest memory outlives the vCPU fd.
+    fd: VcpuFd,
+    id: u32,
+    memory: GuestMemoryMmap,
+    supported_cpuid: CpuId,
+}
+
+impl Vcpu {
+    pub(crate) fn new(
+        fd: VcpuFd,
+        id: u32,
+        memory: GuestMemoryMmap,
+        supported_cpuid: CpuId,
+    ) -> Self {
+        Vcpu {
+            fd,
+            id,
+            memory,
+            supported_cpuid,
+        }
+    }
+
+    /// The vCPU's id (its APIC ID).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The KVM vCPU fd, for what this crate does not wrap. Running the vCPU
+    /// through it bypasses this crate's run loop.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets CPUID, MSRs, FPU, segment/control registers and general
+    /// registers for `boot`. Long and protected mode write a GDT into guest
+    /// memory; long mode expects page tables at `cr3` already.
+    pub fn configure(&self, boot: &BootConfig) -> Result<(), VcpuError> {
+        self.set_cpuid(&boot.cpuid)?;
+        self.set_boot_msrs()?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))?;
+        let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        let mut rip = boot.entry;
+        match boot.mode {
+            CpuMode::Real => {
+                if boot.stack > 0xffff {
+                    return Err(VcpuError::InvalidBoot(
+                        "real-mode stack must lie below 64 KiB",
+                    ));
+                }
+                if boot.entry >= 0x10_0000 {
+                    return Err(VcpuError::InvalidBoot(
+                        "real-mode entry must lie below 1 MiB",
+                    ));
+                }
+                let cs = if boot.entry < 0x1_0000 {
+                    0
+                } else {
+                    (boot.entry >> 4) as u16
+                };
+                rip = boot.entry - (u64::from(cs) << 4);
+                sregs.cs = real_segment(cs, 0xb);
+                for seg in [
+                    &mut sregs.ds,
+                    &mut sregs.es,
+                    &mut sregs.fs,
+                    &mut sregs.gs,
+                    &mut sregs.ss,
+                ] {
+                    *seg = real_segment(0, 0x3);
+                }
+                sregs.cr0 = CR0_ET;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+            }
+            CpuMode::Protected { gdt } => {
+                self.load_flat_segments(&mut sregs, gdt, false)?;
+                sregs.cr0 = CR0_PE | CR0_ET | CR0_NE;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+            }
+            CpuMode::Long { gdt, cr3 } => {
+                if cr3 & 0xfff != 0 {
+                    return Err(VcpuError::InvalidBoot("CR3 must be 4 KiB aligned"));
+                }
+                self.load_flat_segments(&mut sregs, gdt, true)?;
+                sregs.cr3 = cr3;
+                sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+                sregs.efer = EFER_LME | EFER_LMA;
+                sregs.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG;
+            }
+        }
+        self.fd.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip,
+            rsp: boot.stack,
+            rsi: boot.rsi,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))
+    }
+
+    fn set_cpuid(&self, config: &CpuidConfig) -> Result<(), VcpuError> {
+        let mut cpuid = self.supported_cpuid.clone();
+        filter_cpuid(
+            &mut cpuid,
+            &CpuidConfig {
+                vcpu_id: self.id,
+                ..*config
+            },
+        );
+        self.fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+    }
+
+    /// The MSRs every boot sets: SYSENTER and SYSCALL MSRs cleared, fast
+    /// strings enabled in IA32_MISC_ENABLE, MTRRs enabled with write-back as
+    /// the default type.
+    fn set_boot_msrs(&self) -> Result<(), VcpuError> {
+        const MSRS: [(u32, u64); 10] = [
+            (0x174, 0),               // IA32_SYSENTER_CS
+            (0x175, 0),               // IA32_SYSENTER_ESP
+            (0x176, 0),               // IA32_SYSENTER_EIP
+            (0xc000_0081, 0),         // STAR
+            (0xc000_0082, 0),         // LSTAR
+            (0xc000_0083, 0),         // CSTAR
+            (0xc000_0084, 0),         // SFMASK
+            (0xc000_0102, 0),         // KERNEL_GS_BASE
+            (0x1a0, 1),               // IA32_MISC_ENABLE: fast strings
+            (0x2ff, (1 << 11) | 0x6), // IA32_MTRR_DEF_TYPE: enabled, WB
+        ];
+        let entries: Vec<kvm_msr_entry> = MSRS
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| VcpuError::InvalidBoot("too many MSRs"))?;
+        let set = self.fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msr {
+                msr: entries.get(set).map_or(0, |e| e.index),
+                set,
+                total: entries.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn load_flat_segments(
+        &self,
+        sregs: &mut kvm_sregs,
+        gdt: u64,
+        long: bool,
+    ) -> Result<(), VcpuError> {
+        let code = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: BOOT_CS,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: u8::from(!long),
+            s: 1,
+            l: u8::from(long),
+            g: 1,
+            ..Default::default()
+        };
+        let data = kvm_segment {
+            selector: BOOT_DS,
+            type_: 0x3,
+            db: 1,
+            l: 0,
+            ..code
+        };
+        let tss = kvm_segment {
+            base: 0,
+            limit: 0x67,
+            selector: BOOT_TSS,
+            type_: 0xb,
+            present: 1,
+            s: 0,
+            ..Default::default()
+        };
+        let table: [u64; 6] = [0, 0, gdt_entry(&code), gdt_entry(&data), gdt_entry(&tss), 0];
+        for (i, entry) in table.iter().enumerate() {
+            let addr = gdt + i as u64 * 8;
+            self.memory
+                .write_obj(*entry, GuestAddress(addr))
+                .map_err(|source| VcpuError::Gdt { addr, source })?;
+        }
+        sregs.gdt.base = gdt;
+        sregs.gdt.limit = (GDT_SIZE - 1) as u16;
+        // An empty IDT: any exception before the guest loads its own is a
+        // triple fault, reported as StopReason::Shutdown.
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = tss;
+        Ok(())
+    }
+
+    /// The general registers.
+    pub fn regs(&self) -> Result<kvm_regs, VcpuError> {
+        self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))
+    }
+
+    /// Sets the general registers.
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))
+    }
+
+    /// The segment and control registers.
+    pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))
+    }
+
+    /// Sets the segment and control registers.
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VcpuError> {
+        self.fd.set_sregs(sregs).map_err(ioctl("KVM_SET_SREGS"))
+    }
+
+    /// The registers, for a stop report.
+    pub fn dump(&self) -> RegisterDump {
+        RegisterDump {
+            regs: self.fd.get_regs().ok(),
+            sregs: self.fd.get_sregs().ok(),
+        }
+    }
+
+    /// Runs the guest until it stops, handing port I/O and MMIO exits to
+    /// `io`. I/O exits are handled without leaving the loop and without
+    /// allocating; everything else returns a [`StopReason`].
+    pub fn run<H: IoHandler + ?Sized>(&mut self, io: &H) -> Result<StopReason, VcpuError> {
+        let mut eagain = 0;
+        loop {
+            let action = match self.fd.run() {
+                Ok(exit) => {
+                    eagain = 0;
+                    match exit {
+                        VcpuExit::IoOut(port, data) => io.pio_write(port, data),
+                        VcpuExit::IoIn(port, data) => {
+                            io.pio_read(port, data);
+                            IoAction::Continue
+                        }
+                        VcpuExit::MmioRead(addr, data) => {
+                            io.mmio_read(addr, data);
+                            IoAction::Continue
+                        }
+                        VcpuExit::MmioWrite(addr, data) => io.mmio_write(addr, data),
+                        VcpuExit::Hlt => return Ok(StopReason::Hlt),
+                        VcpuExit::Shutdown => {
+                            return Ok(StopReason::Shutdown(Box::new(self.dump())))
+                        }
+                        VcpuExit::SystemEvent(kind, data) => {
+                            let data = data.first().copied().unwrap_or(0);
+                            let kind = match kind {
+                                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
+                                kvm_bindings::KVM_SYSTEM_EVENT_RESET => SystemEvent::Reset,
+                                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => SystemEvent::Crash,
+                                other => SystemEvent::Other(other),
+                            };
+                            return Ok(StopReason::SystemEvent { kind, data });
+                        }
+                        VcpuExit::InternalError => return Ok(self.internal_error()),
+                        VcpuExit::FailEntry(reason, cpu) => {
+                            return Ok(StopReason::FailEntry {
+                                reason,
+                                cpu,
+                                registers: Box::new(self.dump()),
+                            })
+                        }
+                        _ => {
+                            let exit_reason = self.fd.get_kvm_run().exit_reason;
+                            return Ok(StopReason::Unhandled {
+                                exit_reason,
+                                registers: Box::new(self.dump()),
+                            });
+                        }
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR => return Ok(StopReason::Interrupted),
+                Err(e) if e.errno() == libc::EAGAIN => {
+                    eagain += 1;
+                    if eagain >= MAX_EAGAIN {
+                        return Err(VcpuError::Busy(eagain));
+                    }
+                    IoAction::Continue
+                }
+                Err(e) => return Err(VcpuError::Run(e)),
+            };
+            match action {
+                IoAction::Continue => {}
+                IoAction::Exit(code) => return Ok(StopReason::Exit(code)),
+                IoAction::Reset => return Ok(StopReason::Reset),
+                IoAction::PowerOff => return Ok(StopReason::PowerOff),
+            }
+        }
+    }
+
+    fn internal_error(&mut self) -> StopReason {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM_RUN just returned with exit_reason
+        // KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the `internal`
+        // member of the exit union; every bit pattern is a valid value of
+        // that plain-integer struct, and it is copied out by value.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let mut data = [0u64; 4];
+        let n = (internal.ndata as usize)
+            .min(data.len())
+            .min(internal.data.len());
+        data[..n].copy_from_slice(&internal.data[..n]);
+        StopReason::InternalError {
+            suberror: internal.suberror,
+            data,
+            registers: Box::new(self.dump()),
+        }
+    }
+}
+
+fn ioctl(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Ioctl { op, source }
+}
+
+fn real_segment(selector: u16, type_: u8) -> kvm_segment {
+    kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        s: 1,
+        ..Default::default()
+    }
+}
+
+/// Encodes a segment as an 8-byte GDT descriptor (SDM Vol. 3A, 3.4.5).
+fn gdt_entry(seg: &kvm_segment) -> u64 {
+    let limit = if seg.g != 0 {
+        seg.limit >> 12
+    } else {
+        seg.limit
+    };
+    let base = seg.base & 0xffff_ffff;
+    let access = u64::from(seg.type_ & 0xf)
+        | (u64::from(seg.s & 1) << 4)
+        | (u64::from(seg.dpl & 3) << 5)
+        | (u64::from(seg.present & 1) << 7);
+    let flags = u64::from(seg.avl & 1)
+        | (u64::from(seg.l & 1) << 1)
+        | (u64::from(seg.db & 1) << 2)
+        | (u64::from(seg.g & 1) << 3);
+    (u64::from(limit) & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (access << 40)
+        | (((u64::from(limit) >> 16) & 0xf) << 48)
+        | (flags << 52)
+        | ((base >> 24) << 56)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_match_known_encodings() {
+        let code64 = kvm_segment {
+            limit: 0xffff_ffff,
+            type_: 0xb,
+            present: 1,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        assert_eq!(gdt_entry(&code64), 0x00af_9b00_0000_ffff);
+        let data = kvm_segment {
+            type_: 0x3,
+            db: 1,
+            l: 0,
+            ..code64
+        };
+        assert_eq!(gdt_entry(&data), 0x00cf_9300_0000_ffff);
+        let code32 = kvm_segment {
+            db: 1,
+            l: 0,
+            ..code64
+        };
+        assert_eq!(gdt_entry(&code32), 0x00cf_9b00_0000_ffff);
+        let tss = kvm_segment {
+            base: 0x1234_5678,
+            limit: 0x67,
+            type_: 0xb,
+            present: 1,
+            ..Default::default()
+        };
+        assert_eq!(gdt_entry(&tss), 0x1200_8b34_5678_0067);
+    }
+}

@@ -1,0 +1,273 @@
+//! The KVM virtual machine: capability checks, memory slots, irqchip and PIT.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmkit_memory::layout::{kvm_slots, MemorySlot, SlotFlags};
+use vmkit_memory::GuestMemoryMmap;
+
+use crate::vcpu::{Vcpu, VcpuError};
+
+/// The KVM API version this crate is written against.
+pub const KVM_API_VERSION: i32 = 12;
+
+/// Guest-physical address of the three pages KVM needs for its real-mode TSS
+/// on Intel (`KVM_SET_TSS_ADDR`), inside the default MMIO gap. Nothing else
+/// may be mapped at `KVM_TSS_ADDRESS..KVM_TSS_ADDRESS + 0x3000`.
+pub const KVM_TSS_ADDRESS: u64 = 0xFFFB_D000;
+/// Guest-physical address of the page KVM uses for its identity-map page
+/// table on Intel (`KVM_SET_IDENTITY_MAP_ADDR`), just below the TSS pages.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xFFFB_C000;
+
+/// Errors from creating or configuring a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The kernel speaks another KVM API version.
+    #[error("KVM API version {0} is not the supported version {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    /// A capability vmkit needs is missing.
+    #[error("KVM lacks the capability {0}")]
+    MissingCapability(&'static str),
+    /// An ioctl on the VM failed.
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        /// The operation that failed.
+        op: &'static str,
+        /// The error from KVM.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Registering a memory slot failed.
+    #[error(
+        "cannot register memory slot {slot} ({size:#x} bytes at guest {guest_addr:#x}): {source}"
+    )]
+    MemorySlot {
+        /// Slot number.
+        slot: u32,
+        /// Guest-physical base.
+        guest_addr: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The error from KVM.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM has fewer memory slots than the memory map needs.
+    #[error("the memory map needs {needed} slots but KVM offers {available}")]
+    TooManySlots {
+        /// Slots needed.
+        needed: usize,
+        /// Slots KVM supports.
+        available: usize,
+    },
+}
+
+/// How to create a [`Vm`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Create the in-kernel irqchip (PIC, IOAPIC and a LAPIC per vCPU).
+    pub irqchip: bool,
+    /// Create the in-kernel PIT (needs `irqchip`).
+    pub pit: bool,
+    /// Have KVM log guest writes to every RAM slot.
+    pub log_dirty_pages: bool,
+}
+
+/// A KVM virtual machine with its guest memory registered.
+///
+/// The VM keeps its own handle on the guest memory so that the mappings
+/// outlive every memory slot that points at them (see the field order).
+#[derive(Debug)]
+pub struct Vm {
+    // Dropped first: closing the VM fd tears down the slots before the
+    // mappings in `memory` can be unmapped.
+    fd: VmFd,
+    kvm: Kvm,
+    memory: GuestMemoryMmap,
+    slots: Vec<MemorySlot>,
+    supported_cpuid: CpuId,
+    config: VmConfig,
+}
+
+impl Vm {
+    /// Opens `/dev/kvm`, checks the API version and the capabilities the
+    /// configuration needs, creates the VM and registers every region of
+    /// `memory` as a memory slot (slots numbered from 0).
+    pub fn new(memory: GuestMemoryMmap, config: VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(VmError::ApiVersion(version));
+        }
+        let mut required: Vec<(Cap, &'static str)> = vec![
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ];
+        if config.irqchip {
+            required.push((Cap::Irqchip, "KVM_CAP_IRQCHIP"));
+        }
+        if config.pit {
+            required.push((Cap::Pit2, "KVM_CAP_PIT2"));
+        }
+        for (cap, name) in required {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(name));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Ioctl {
+                op: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let fd = kvm.create_vm().map_err(|source| VmError::Ioctl {
+            op: "KVM_CREATE_VM",
+            source,
+        })?;
+        let ioctl = |op| move |source| VmError::Ioctl { op, source };
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        if config.irqchip {
+            fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        }
+        if config.pit {
+            let pit = kvm_pit_config {
+                // KVM_PIT_SPEAKER_DUMMY: port 0x61 is handled in the kernel.
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        }
+
+        let flags = SlotFlags {
+            log_dirty_pages: config.log_dirty_pages,
+            read_only: false,
+        };
+        let slots = kvm_slots(&memory, 0, flags);
+        let available = kvm.get_nr_memslots();
+        if slots.len() > available {
+            return Err(VmError::TooManySlots {
+                needed: slots.len(),
+                available,
+            });
+        }
+        for s in &slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.slot,
+                flags: s.flags.bits(),
+                guest_phys_addr: s.guest_phys_addr,
+                memory_size: s.memory_size,
+                userspace_addr: s.userspace_addr,
+            };
+            // SAFETY: `userspace_addr..+memory_size` is a live read/write
+            // mapping owned by a region of `memory`. The Vm stores `memory`
+            // and drops it only after `fd` (field order), and every Vcpu
+            // holds its own clone of `memory` for as long as its fd lives, so
+            // the mapping outlives every user of the slot in the kernel.
+            unsafe { fd.set_user_memory_region(region) }.map_err(|source| VmError::MemorySlot {
+                slot: s.slot,
+                guest_addr: s.guest_phys_addr,
+                size: s.memory_size,
+                source,
+            })?;
+        }
+        Ok(Vm {
+            fd,
+            kvm,
+            memory,
+            slots,
+            supported_cpuid,
+            config,
+        })
+    }
+
+    /// Creates vCPU `id` (its APIC ID). Set it up with
+    /// [`Vcpu::configure`] before running it.
+    pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VcpuError> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Ioctl {
+                op: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        Ok(Vcpu::new(
+            fd,
+            id,
+            self.memory.clone(),
+            self.supported_cpuid.clone(),
+        ))
+    }
+
+    /// The KVM VM file descriptor, for what this crate does not wrap yet
+    /// (irqfd, ioeventfd, ...).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The memory slots registered with KVM.
+    pub fn slots(&self) -> &[MemorySlot] {
+        &self.slots
+    }
+
+    /// The configuration the VM was created with.
+    pub fn config(&self) -> VmConfig {
+        self.config
+    }
+
+    /// The CPUID entries KVM supports on this host, before any filtering.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Guest-physical addresses of the pages the guest wrote in `slot` since
+    /// the last call (needs [`VmConfig::log_dirty_pages`]).
+    pub fn take_dirty_pages(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+        let s = self
+            .slots
+            .iter()
+            .find(|s| s.slot == slot)
+            .ok_or(VmError::Ioctl {
+                op: "KVM_GET_DIRTY_LOG (no such slot)",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+        let size = usize::try_from(s.memory_size).map_err(|_| VmError::Ioctl {
+            op: "KVM_GET_DIRTY_LOG (slot too large)",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let bitmap = self
+            .fd
+            .get_dirty_log(slot, size)
+            .map_err(|source| VmError::Ioctl {
+                op: "KVM_GET_DIRTY_LOG",
+                source,
+            })?;
+        let mut pages = Vec::new();
+        for (i, word) in bitmap.into_iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                pages.push(s.guest_phys_addr + (i as u64 * 64 + bit) * 4096);
+            }
+        }
+        Ok(pages)
+    }
+}

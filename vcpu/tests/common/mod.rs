@@ -1,0 +1,151 @@
+//! Shared helpers of the KVM integration tests: the loud skip, tiny guests
+//! assembled at run time, and a recording device.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+
+use iced_x86::code_asm::CodeAssembler;
+use iced_x86::IcedError;
+use vmkit_devices::{BusDevice, DeviceError, IoAction, IoBus};
+use vmkit_memory::pagetable::{build_identity_map, LeafSize};
+use vmkit_memory::vm_memory::{Bytes, GuestAddress};
+use vmkit_memory::MemoryLayout;
+use vmkit_vcpu::{BootConfig, CpuMode, Vcpu, Vm, VmConfig};
+
+/// Returns whether KVM can be used. Without it the test is skipped loudly,
+/// or fails when `VMKIT_REQUIRE_KVM=1` (as in CI).
+pub fn kvm_available(test: &str) -> bool {
+    let err = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => return true,
+        Err(e) => e,
+    };
+    if std::env::var("VMKIT_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{test}: VMKIT_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {err}");
+    }
+    eprintln!("SKIPPED {test}: /dev/kvm cannot be opened ({err}); set VMKIT_REQUIRE_KVM=1 to fail instead");
+    false
+}
+
+/// Skips the calling test (loudly) when KVM is unavailable.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !common::kvm_available(module_path!()) {
+            return;
+        }
+    };
+}
+
+pub const RAM: u64 = 2 << 20;
+pub const GDT: u64 = 0x500;
+pub const PAGE_TABLES: u64 = 0x1000;
+pub const STACK: u64 = 0x8000;
+pub const CODE: u64 = 0x10000;
+/// The debug-exit port the guests leave through.
+pub const EXIT_PORT: u16 = 0xf4;
+
+/// Assembles guest code for `bitness` at `CODE`.
+pub fn assemble(
+    bitness: u32,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bitness).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(CODE).unwrap()
+}
+
+/// A VM with `RAM` bytes, `code` at `CODE`, one vCPU configured for
+/// `bitness` (16: real, 32: protected, 64: long with the low 4 GiB
+/// identity-mapped by 2 MiB pages).
+pub fn boot(bitness: u32, code: &[u8]) -> (Vm, Vcpu) {
+    boot_with(bitness, code, VmConfig::default())
+}
+
+pub fn boot_with(bitness: u32, code: &[u8], config: VmConfig) -> (Vm, Vcpu) {
+    let memory = MemoryLayout::new(RAM)
+        .unwrap()
+        .create_memory(&Default::default())
+        .unwrap();
+    memory.write_slice(code, GuestAddress(CODE)).unwrap();
+    let mode = match bitness {
+        16 => CpuMode::Real,
+        32 => CpuMode::Protected { gdt: GDT },
+        64 => {
+            let map = build_identity_map(
+                &memory,
+                GuestAddress(PAGE_TABLES),
+                0x6000,
+                4 << 30,
+                LeafSize::Size2M,
+            )
+            .unwrap();
+            CpuMode::Long {
+                gdt: GDT,
+                cr3: map.cr3,
+            }
+        }
+        _ => panic!("no such mode"),
+    };
+    let vm = Vm::new(memory, config).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.configure(&BootConfig::new(mode, CODE, STACK)).unwrap();
+    (vm, vcpu)
+}
+
+/// A bus with the debug-exit port at `EXIT_PORT`.
+pub fn bus() -> IoBus {
+    let bus = IoBus::new();
+    bus.pio
+        .insert(
+            u64::from(EXIT_PORT),
+            1,
+            Arc::new(vmkit_devices::DebugExit::new()),
+        )
+        .unwrap();
+    bus
+}
+
+/// A device that answers reads with a fixed value and records writes as
+/// (offset, little-endian value, size).
+#[derive(Default)]
+pub struct Recorder {
+    pub read_value: u64,
+    pub writes: Mutex<Vec<(u64, u64, usize)>>,
+    pub reads: Mutex<Vec<(u64, usize)>>,
+}
+
+impl Recorder {
+    pub fn returning(read_value: u64) -> Arc<Self> {
+        Arc::new(Recorder {
+            read_value,
+            ..Default::default()
+        })
+    }
+    pub fn writes(&self) -> Vec<(u64, u64, usize)> {
+        self.writes.lock().unwrap().clone()
+    }
+}
+
+impl BusDevice for Recorder {
+    fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let bytes = self.read_value.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&bytes[..n]);
+        self.reads.lock().unwrap().push((offset, data.len()));
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<IoAction, DeviceError> {
+        let mut bytes = [0u8; 8];
+        let n = data.len().min(8);
+        bytes[..n].copy_from_slice(&data[..n]);
+        self.writes
+            .lock()
+            .unwrap()
+            .push((offset, u64::from_le_bytes(bytes), data.len()));
+        Ok(IoAction::Continue)
+    }
+}
