@@ -90,7 +90,8 @@ fn main() -> Result<ExitCode, Box<dyn Error>> {
     let bus = IoBus::new();
     let uart = Serial::new(Box::new(std::io::stdout()), Arc::new(NullLine));
     bus.pio.insert(u64::from(COM1), 8, Arc::new(uart))?;
-    bus.pio.insert(u64::from(DEBUG_EXIT), 1, Arc::new(DebugExit::new()))?;
+    bus.pio
+        .insert(u64::from(DEBUG_EXIT), 1, Arc::new(DebugExit::new()))?;
 
     // 4. Run until the guest stops.
     match vcpu.run(&bus)? {

@@ -91,6 +91,35 @@ pub struct Vm {
     config: VmConfig,
 }
 
+/// The capabilities a VM with `config` needs, with their KVM names.
+fn required_capabilities(config: &VmConfig) -> Vec<(Cap, &'static str)> {
+    let mut required = vec![
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ];
+    if config.irqchip {
+        required.push((Cap::Irqchip, "KVM_CAP_IRQCHIP"));
+    }
+    if config.pit {
+        required.push((Cap::Pit2, "KVM_CAP_PIT2"));
+    }
+    required
+}
+
+/// Fails with the name of the first capability `has` denies.
+fn check_capabilities(config: &VmConfig, has: impl Fn(Cap) -> bool) -> Result<(), VmError> {
+    match required_capabilities(config)
+        .into_iter()
+        .find(|(cap, _)| !has(*cap))
+    {
+        Some((_, name)) => Err(VmError::MissingCapability(name)),
+        None => Ok(()),
+    }
+}
+
 impl Vm {
     /// Opens `/dev/kvm`, checks the API version and the capabilities the
     /// configuration needs, creates the VM and registers every region of
@@ -101,24 +130,7 @@ impl Vm {
         if version != KVM_API_VERSION {
             return Err(VmError::ApiVersion(version));
         }
-        let mut required: Vec<(Cap, &'static str)> = vec![
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-            (Cap::SetIdentityMapAddr, "KVM_CAP_SET_IDENTITY_MAP_ADDR"),
-            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        ];
-        if config.irqchip {
-            required.push((Cap::Irqchip, "KVM_CAP_IRQCHIP"));
-        }
-        if config.pit {
-            required.push((Cap::Pit2, "KVM_CAP_PIT2"));
-        }
-        for (cap, name) in required {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCapability(name));
-            }
-        }
+        check_capabilities(&config, |cap| kvm.check_extension(cap))?;
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| VmError::Ioctl {
@@ -269,5 +281,34 @@ impl Vm {
             }
         }
         Ok(pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_capability_is_named() {
+        let config = VmConfig {
+            irqchip: true,
+            pit: true,
+            log_dirty_pages: false,
+        };
+        assert!(check_capabilities(&config, |_| true).is_ok());
+        let err = check_capabilities(&config, |cap| cap != Cap::Pit2).unwrap_err();
+        assert!(matches!(err, VmError::MissingCapability("KVM_CAP_PIT2")));
+        assert_eq!(err.to_string(), "KVM lacks the capability KVM_CAP_PIT2");
+        // Without a PIT, its capability is not asked for.
+        let no_pit = VmConfig {
+            pit: false,
+            ..config
+        };
+        assert!(check_capabilities(&no_pit, |cap| cap != Cap::Pit2).is_ok());
+        let err = check_capabilities(&no_pit, |cap| cap != Cap::ImmediateExit).unwrap_err();
+        assert!(matches!(
+            err,
+            VmError::MissingCapability("KVM_CAP_IMMEDIATE_EXIT")
+        ));
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use iced_x86::code_asm::*;
 use vmkit_devices::{NullLine, Serial};
-use vmkit_vcpu::StopReason;
+use vmkit_vcpu::{StopReason, VmConfig};
 
 const RECORD_PORT: u16 = 0x510;
 const MMIO_DEV: u64 = 0xd000_0000;
@@ -233,6 +233,75 @@ fn triple_fault_is_a_shutdown_with_a_register_dump() {
         }
         other => panic!("expected Shutdown, got {other:?}"),
     }
+}
+
+#[test]
+fn fetching_code_from_unbacked_memory_is_an_internal_error() {
+    require_kvm!();
+    // KVM cannot emulate an instruction fetched from outside RAM.
+    let code = assemble(64, |a| {
+        a.mov(rax, 0x3000_0000u64)?;
+        a.jmp(rax)
+    });
+    let (_vm, mut vcpu) = boot(64, &code);
+    match vcpu.run(&bus()).unwrap() {
+        StopReason::InternalError {
+            suberror,
+            registers,
+            ..
+        } => {
+            // KVM_INTERNAL_ERROR_EMULATION
+            assert_eq!(suberror, 1);
+            assert_eq!(registers.regs.expect("registers").rip, 0x3000_0000);
+        }
+        other => panic!("expected InternalError, got {other:?}"),
+    }
+}
+
+#[test]
+fn in_kernel_irqchip_and_pit_can_be_created() {
+    require_kvm!();
+    let code = assemble(64, |a| {
+        a.mov(al, 5u32)?;
+        a.out(EXIT_PORT as u32, al)
+    });
+    let config = VmConfig {
+        irqchip: true,
+        pit: true,
+        log_dirty_pages: false,
+    };
+    let (vm, mut vcpu) = boot_with(64, &code, config);
+    assert_eq!(vm.config(), config);
+    expect_exit(vcpu.run(&bus()).unwrap(), 5);
+    // The IOAPIC exists: KVM_IRQ_LINE on a GSI succeeds only with an irqchip.
+    vm.fd().set_irq_line(4, true).unwrap();
+}
+
+#[test]
+fn kvm_dirty_log_records_guest_writes() {
+    require_kvm!();
+    let code = assemble(64, |a| {
+        a.mov(dword_ptr(0x12_3450), 1u32)?;
+        a.mov(dword_ptr(0x15_0000), 2u32)?;
+        a.mov(al, 0u32)?;
+        a.out(EXIT_PORT as u32, al)
+    });
+    let config = VmConfig {
+        log_dirty_pages: true,
+        ..Default::default()
+    };
+    let (vm, mut vcpu) = boot_with(64, &code, config);
+    assert!(vm.slots()[0].flags.log_dirty_pages);
+    // Forget what set-up wrote.
+    vm.take_dirty_pages(0).unwrap();
+    expect_exit(vcpu.run(&bus()).unwrap(), 0);
+    let dirty = vm.take_dirty_pages(0).unwrap();
+    assert!(dirty.contains(&0x12_3000), "{dirty:x?}");
+    assert!(dirty.contains(&0x15_0000), "{dirty:x?}");
+    assert!(!dirty.contains(&0x14_0000), "{dirty:x?}");
+    // Reading the log cleared it.
+    assert!(!vm.take_dirty_pages(0).unwrap().contains(&0x12_3000));
+    assert!(vm.take_dirty_pages(7).is_err());
 }
 
 #[derive(Clone, Default)]

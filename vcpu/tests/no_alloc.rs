@@ -99,7 +99,12 @@ fn io_exits_allocate_nothing() {
     let stats = bus.stats();
     assert_eq!(stats.mmio_read_misses, u64::from(ROUNDS));
     assert_eq!(stats.mmio_write_misses, u64::from(ROUNDS));
-    assert_eq!(allocations, 0, "the run loop allocated during {} exits", 4 * ROUNDS + 1);
+    assert_eq!(
+        allocations,
+        0,
+        "the run loop allocated during {} exits",
+        4 * ROUNDS + 1
+    );
 }
 
 #[test]
