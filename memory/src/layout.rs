@@ -507,6 +507,20 @@ pub fn kvm_slots<R: GuestMemoryRegion>(
         .collect()
 }
 
+/// Appends to `pages` the guest-physical address of every page whose bit is
+/// set in `bitmap` (bit `n` of word `w` is page `w * 64 + n`, as in both
+/// KVM's dirty log and vm-memory's `AtomicBitmap`), for a region at `base`.
+pub fn pages_from_bitmap(base: u64, bitmap: &[u64], pages: &mut Vec<u64>) {
+    for (word_index, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            pages.push(base + (word_index as u64 * 64 + bit) * PAGE_SIZE);
+        }
+    }
+}
+
 /// Guest-physical addresses of pages the VMM wrote through vm-memory since
 /// the last call, clearing the bitmap as it reads it. Empty when the memory
 /// has no dirty bitmap.
@@ -514,17 +528,12 @@ pub fn take_dirty_pages(memory: &GuestMemoryMmap) -> Vec<u64> {
     let mut pages = Vec::new();
     for region in memory.iter() {
         let mapping: &vm_memory::MmapRegion<Option<AtomicBitmap>> = region;
-        let Some(bitmap) = mapping.bitmap().as_ref() else {
-            continue;
-        };
-        let base = region.start_addr().raw_value();
-        for (word_index, word) in bitmap.get_and_reset().into_iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let bit = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                pages.push(base + (word_index as u64 * 64 + bit) * PAGE_SIZE);
-            }
+        if let Some(bitmap) = mapping.bitmap().as_ref() {
+            pages_from_bitmap(
+                region.start_addr().raw_value(),
+                &bitmap.get_and_reset(),
+                &mut pages,
+            );
         }
     }
     pages
@@ -662,6 +671,21 @@ mod tests {
         assert_eq!(
             mem.read_obj::<u32>(GuestAddress(0x5004)).unwrap(),
             0xdead_beef
+        );
+    }
+
+    #[test]
+    fn bitmap_bits_become_page_addresses() {
+        let mut pages = vec![1];
+        pages_from_bitmap(0x1_0000_0000, &[0b101, 0, 1 << 63], &mut pages);
+        assert_eq!(
+            pages,
+            vec![
+                1,
+                0x1_0000_0000,
+                0x1_0000_2000,
+                0x1_0000_0000 + 191 * PAGE_SIZE
+            ]
         );
     }
 

@@ -2,7 +2,7 @@
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vmkit_memory::layout::{kvm_slots, MemorySlot, SlotFlags};
+use vmkit_memory::layout::{kvm_slots, pages_from_bitmap, MemorySlot, SlotFlags};
 use vmkit_memory::GuestMemoryMmap;
 
 use crate::vcpu::{Vcpu, VcpuError};
@@ -54,6 +54,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The configuration is inconsistent.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// No memory slot has this number.
+    #[error("no memory slot {0}")]
+    NoSuchSlot(u32),
     /// KVM has fewer memory slots than the memory map needs.
     #[error("the memory map needs {needed} slots but KVM offers {available}")]
     TooManySlots {
@@ -129,6 +135,11 @@ impl Vm {
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION {
             return Err(VmError::ApiVersion(version));
+        }
+        if config.pit && !config.irqchip {
+            return Err(VmError::InvalidConfig(
+                "the in-kernel PIT needs the in-kernel irqchip",
+            ));
         }
         check_capabilities(&config, |cap| kvm.check_extension(cap))?;
         let supported_cpuid = kvm
@@ -256,14 +267,9 @@ impl Vm {
             .slots
             .iter()
             .find(|s| s.slot == slot)
-            .ok_or(VmError::Ioctl {
-                op: "KVM_GET_DIRTY_LOG (no such slot)",
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            })?;
-        let size = usize::try_from(s.memory_size).map_err(|_| VmError::Ioctl {
-            op: "KVM_GET_DIRTY_LOG (slot too large)",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        })?;
+            .ok_or(VmError::NoSuchSlot(slot))?;
+        // Slots are built from host mappings, so their size fits a usize.
+        let size = usize::try_from(s.memory_size).map_err(|_| VmError::NoSuchSlot(slot))?;
         let bitmap = self
             .fd
             .get_dirty_log(slot, size)
@@ -272,14 +278,7 @@ impl Vm {
                 source,
             })?;
         let mut pages = Vec::new();
-        for (i, word) in bitmap.into_iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let bit = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                pages.push(s.guest_phys_addr + (i as u64 * 64 + bit) * 4096);
-            }
-        }
+        pages_from_bitmap(s.guest_phys_addr, &bitmap, &mut pages);
         Ok(pages)
     }
 }

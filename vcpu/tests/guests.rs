@@ -278,6 +278,25 @@ fn in_kernel_irqchip_and_pit_can_be_created() {
 }
 
 #[test]
+fn a_pit_without_an_irqchip_is_refused() {
+    require_kvm!();
+    let memory = vmkit_memory::MemoryLayout::new(RAM)
+        .unwrap()
+        .create_memory(&Default::default())
+        .unwrap();
+    let config = VmConfig {
+        irqchip: false,
+        pit: true,
+        log_dirty_pages: false,
+    };
+    let err = vmkit_vcpu::Vm::new(memory, config).unwrap_err();
+    assert!(
+        matches!(err, vmkit_vcpu::VmError::InvalidConfig(_)),
+        "{err}"
+    );
+}
+
+#[test]
 fn kvm_dirty_log_records_guest_writes() {
     require_kvm!();
     let code = assemble(64, |a| {
@@ -301,7 +320,10 @@ fn kvm_dirty_log_records_guest_writes() {
     assert!(!dirty.contains(&0x14_0000), "{dirty:x?}");
     // Reading the log cleared it.
     assert!(!vm.take_dirty_pages(0).unwrap().contains(&0x12_3000));
-    assert!(vm.take_dirty_pages(7).is_err());
+    assert!(matches!(
+        vm.take_dirty_pages(7),
+        Err(vmkit_vcpu::VmError::NoSuchSlot(7))
+    ));
 }
 
 #[derive(Clone, Default)]
