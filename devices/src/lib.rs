@@ -10,6 +10,10 @@
 //! * [`serial`]: a complete 16550A UART ([`Serial`]).
 //! * [`debug_exit`]: a [`DebugExit`] device that lets a guest end the run with
 //!   an exit code (the classic `isa-debug-exit` at port `0xF4`).
+//! * [`i8042`]: the PS/2 controller ([`I8042`]) at ports `0x60`/`0x64`, with
+//!   a keyboard, no mouse and the CPU reset line.
+//! * [`rtc`]: an MC146818-compatible CMOS real-time clock ([`Rtc`]) at ports
+//!   `0x70`/`0x71`, with 128 bytes of CMOS RAM.
 //!
 //! # Threat model
 //!
@@ -54,7 +58,9 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod i8042;
 pub mod interrupt;
+pub mod rtc;
 pub mod serial;
 
 pub use bus::{
@@ -62,5 +68,7 @@ pub use bus::{
     StopRequest,
 };
 pub use debug_exit::DebugExit;
+pub use i8042::I8042;
 pub use interrupt::{CallbackLine, InterruptError, InterruptLine, NullLine, RecordingLine};
+pub use rtc::{Rtc, RtcError};
 pub use serial::Serial;
