@@ -243,7 +243,20 @@ pub struct Vcpu {
     id: u32,
     memory: GuestMemoryMmap,
     supported_cpuid: CpuId,
+    /// The VM has an in-kernel irqchip, so this vCPU has a LAPIC.
+    has_lapic: bool,
 }
+
+/// Offset of the LVT LINT0 register in the LAPIC page.
+const APIC_LVT_LINT0: usize = 0x350;
+/// Offset of the LVT LINT1 register.
+const APIC_LVT_LINT1: usize = 0x360;
+/// LVT delivery mode ExtINT (bits 8-10 = 0b111).
+const APIC_DM_EXTINT: u32 = 0x700;
+/// LVT delivery mode NMI (bits 8-10 = 0b100).
+const APIC_DM_NMI: u32 = 0x400;
+/// LVT delivery-mode field and mask bit.
+const APIC_LVT_MODE_AND_MASK: u32 = 0x0001_0700;
 
 impl Vcpu {
     pub(crate) fn new(
@@ -251,12 +264,14 @@ impl Vcpu {
         id: u32,
         memory: GuestMemoryMmap,
         supported_cpuid: CpuId,
+        has_lapic: bool,
     ) -> Self {
         Vcpu {
             fd,
             id,
             memory,
             supported_cpuid,
+            has_lapic,
         }
     }
 
@@ -277,6 +292,9 @@ impl Vcpu {
     pub fn configure(&self, boot: &BootConfig) -> Result<(), VcpuError> {
         self.set_cpuid(&boot.cpuid)?;
         self.set_boot_msrs()?;
+        if self.has_lapic {
+            self.set_local_interrupts()?;
+        }
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -452,6 +470,31 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Wires the LAPIC's local interrupt pins as a PC firmware leaves them:
+    /// LINT0 in ExtINT mode (the 8259 PIC's output reaches the CPU through
+    /// it) and LINT1 in NMI mode. Both stay unmasked.
+    fn set_local_interrupts(&self) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [
+            (APIC_LVT_LINT0, APIC_DM_EXTINT),
+            (APIC_LVT_LINT1, APIC_DM_NMI),
+        ] {
+            let value = lapic_reg(&lapic, offset);
+            set_lapic_reg(&mut lapic, offset, (value & !APIC_LVT_MODE_AND_MASK) | mode);
+        }
+        self.fd.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))
+    }
+
+    /// The in-kernel LAPIC's register at `offset` (None without an
+    /// in-kernel irqchip or for an offset outside the register page).
+    pub fn lapic_register(&self, offset: usize) -> Option<u32> {
+        if !self.has_lapic || offset + 4 > 0x400 {
+            return None;
+        }
+        let lapic = self.fd.get_lapic().ok()?;
+        Some(lapic_reg(&lapic, offset))
+    }
+
     /// The general registers.
     pub fn regs(&self) -> Result<kvm_regs, VcpuError> {
         self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))
@@ -570,6 +613,25 @@ impl Vcpu {
     }
 }
 
+/// Reads a 32-bit LAPIC register; `offset` must be below 0x3FD.
+fn lapic_reg(lapic: &kvm_bindings::kvm_lapic_state, offset: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    for (b, r) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
+        *b = *r as u8;
+    }
+    u32::from_le_bytes(bytes)
+}
+
+/// Writes a 32-bit LAPIC register; `offset` must be below 0x3FD.
+fn set_lapic_reg(lapic: &mut kvm_bindings::kvm_lapic_state, offset: usize, value: u32) {
+    for (r, b) in lapic.regs[offset..offset + 4]
+        .iter_mut()
+        .zip(value.to_le_bytes())
+    {
+        *r = b as _;
+    }
+}
+
 fn ioctl(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
     move |source| VcpuError::Ioctl { op, source }
 }
@@ -613,6 +675,17 @@ fn gdt_entry(seg: &kvm_segment) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lapic_registers_are_little_endian_words() {
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        set_lapic_reg(&mut lapic, APIC_LVT_LINT1, 0x0001_0400);
+        assert_eq!(lapic.regs[APIC_LVT_LINT1] as u8, 0x00);
+        assert_eq!(lapic.regs[APIC_LVT_LINT1 + 1] as u8, 0x04);
+        assert_eq!(lapic.regs[APIC_LVT_LINT1 + 2] as u8, 0x01);
+        assert_eq!(lapic_reg(&lapic, APIC_LVT_LINT1), 0x0001_0400);
+        assert_eq!(lapic_reg(&lapic, APIC_LVT_LINT0), 0);
+    }
 
     #[test]
     fn gdt_entries_match_known_encodings() {

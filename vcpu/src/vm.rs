@@ -226,6 +226,7 @@ impl Vm {
             id,
             self.memory.clone(),
             self.supported_cpuid.clone(),
+            self.config.irqchip,
         ))
     }
 

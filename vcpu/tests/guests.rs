@@ -208,6 +208,7 @@ fn hlt_stops_the_run_loop() {
     require_kvm!();
     let code = assemble(64, |a| a.hlt());
     let (_vm, mut vcpu) = boot(64, &code);
+    assert_eq!(vcpu.lapic_register(0x350), None, "no irqchip, no LAPIC");
     let stop = vcpu.run(&bus()).unwrap();
     assert!(matches!(stop, StopReason::Hlt), "{stop:?}");
     assert_eq!(vcpu.regs().unwrap().rip, common::CODE + 1);
@@ -272,6 +273,9 @@ fn in_kernel_irqchip_and_pit_can_be_created() {
     };
     let (vm, mut vcpu) = boot_with(64, &code, config);
     assert_eq!(vm.config(), config);
+    // LINT0 is ExtINT and LINT1 NMI, both unmasked.
+    assert_eq!(vcpu.lapic_register(0x350).unwrap() & 0x1_0700, 0x700);
+    assert_eq!(vcpu.lapic_register(0x360).unwrap() & 0x1_0700, 0x400);
     expect_exit(vcpu.run(&bus()).unwrap(), 5);
     // The IOAPIC exists: KVM_IRQ_LINE on a GSI succeeds only with an irqchip.
     vm.fd().set_irq_line(4, true).unwrap();
