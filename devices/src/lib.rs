@@ -8,6 +8,8 @@
 //! * [`interrupt`]: the [`InterruptLine`] abstraction devices use to signal the
 //!   guest, plus simple implementations for tests and non-KVM users.
 //! * [`serial`]: a complete 16550A UART ([`Serial`]).
+//! * [`boot_timer`]: a [`BootTimer`] that records how long the guest took to
+//!   boot when its init writes a magic byte.
 //! * [`debug_exit`]: a [`DebugExit`] device that lets a guest end the run with
 //!   an exit code (the classic `isa-debug-exit` at port `0xF4`).
 //! * [`i8042`]: the PS/2 controller ([`I8042`]) at ports `0x60`/`0x64`, with
@@ -56,6 +58,7 @@
 
 #![deny(missing_docs)]
 
+pub mod boot_timer;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
@@ -63,6 +66,7 @@ pub mod interrupt;
 pub mod rtc;
 pub mod serial;
 
+pub use boot_timer::{BootTime, BootTimer};
 pub use bus::{
     AddressSpace, Bus, BusDevice, BusError, BusRange, DeviceError, IoAction, IoBus, IoBusStats,
     StopRequest,

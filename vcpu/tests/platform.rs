@@ -191,3 +191,31 @@ fn i8042_self_test_then_output_port_reset() {
     }
     assert_eq!(rec.writes(), vec![(0, 0x55, 1)]);
 }
+
+#[test]
+fn guest_reports_its_boot_time_through_the_boot_timer() {
+    require_kvm!();
+    const BOOT_TIMER: u64 = 0xd000_0000;
+    let code = assemble(64, |a| {
+        a.mov(rbx, BOOT_TIMER)?;
+        a.mov(byte_ptr(rbx), 122u32)?; // not the magic value: ignored
+        a.mov(
+            byte_ptr(rbx),
+            u32::from(vmkit_devices::boot_timer::BOOT_MAGIC),
+        )?;
+        a.mov(al, 0u32)?;
+        a.out(EXIT_PORT as u32, al)
+    });
+    let before_timer = std::time::Instant::now();
+    let timer = Arc::new(vmkit_devices::BootTimer::new());
+    let (_vm, mut vcpu) = boot(64, &code);
+    let bus = bus();
+    bus.mmio.insert(BOOT_TIMER, 0x1000, timer.clone()).unwrap();
+    assert!(timer.boot_time().is_none());
+    assert!(matches!(vcpu.run(&bus).unwrap(), StopReason::Exit(0)));
+    let boot = timer.boot_time().expect("the guest reported");
+    // Measured from the timer's creation to the guest's write: positive and
+    // no longer than everything since just before the timer was made.
+    assert!(boot.wall > Duration::ZERO, "{boot}");
+    assert!(boot.wall <= before_timer.elapsed(), "{boot}");
+}
