@@ -36,21 +36,7 @@ pub trait IoHandler {
     fn mmio_write(&self, addr: u64, data: &[u8]) -> IoAction;
 }
 
-impl<T: IoHandler + ?Sized> IoHandler for &T {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
-        (**self).pio_read(port, data)
-    }
-    fn pio_write(&self, port: u16, data: &[u8]) -> IoAction {
-        (**self).pio_write(port, data)
-    }
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        (**self).mmio_read(addr, data)
-    }
-    fn mmio_write(&self, addr: u64, data: &[u8]) -> IoAction {
-        (**self).mmio_write(addr, data)
-    }
-}
-
+/// Lets a VMM that shares its bus between vCPU threads pass the `Arc` itself.
 impl<T: IoHandler + ?Sized> IoHandler for std::sync::Arc<T> {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
         (**self).pio_read(port, data)
