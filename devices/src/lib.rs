@@ -73,6 +73,9 @@ pub use bus::{
 };
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
-pub use interrupt::{CallbackLine, InterruptError, InterruptLine, NullLine, RecordingLine};
+pub use interrupt::{
+    CallbackLine, InterruptError, InterruptLine, MsiEvent, MsiMessage, MsiVectors, NullLine,
+    RecordingLine, RecordingMsiVectors,
+};
 pub use rtc::{Rtc, RtcError};
 pub use serial::Serial;

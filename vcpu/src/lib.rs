@@ -10,6 +10,10 @@
 //!   port I/O and MMIO exits to an [`IoHandler`] (any bus; with the default
 //!   `devices` feature, [`vmkit_devices::IoBus`]) and returns a typed
 //!   [`StopReason`] for everything else.
+//! - [`irq`] delivers interrupts into the in-kernel irqchip: irqfd-backed
+//!   edge and level lines ([`IrqLine`], with a [`ResampleWorker`] for level
+//!   lines), MSI vectors ([`KvmMsiVectors`]) and the GSI routing table they
+//!   share ([`IrqRouter`]).
 //!
 //! # Example
 //! ```no_run
@@ -34,11 +38,13 @@
 
 pub mod cpuid;
 pub mod io;
+pub mod irq;
 pub mod vcpu;
 pub mod vm;
 
 pub use cpuid::CpuidConfig;
 pub use io::{IoAction, IoHandler};
+pub use irq::{IrqError, IrqLine, IrqRouter, KvmMsiVectors, MsiRoute, ResampleWorker};
 pub use vcpu::{BootConfig, CpuMode, RegisterDump, StopReason, SystemEvent, Vcpu, VcpuError};
 pub use vm::{Vm, VmConfig, VmError};
 pub use {kvm_bindings, kvm_ioctls};

@@ -5,6 +5,9 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmkit_memory::layout::{kvm_slots, pages_from_bitmap, MemorySlot, SlotFlags};
 use vmkit_memory::GuestMemoryMmap;
 
+use std::sync::Arc;
+
+use crate::irq::{IrqError, IrqLine, IrqRouter, KvmMsiVectors};
 use crate::vcpu::{Vcpu, VcpuError};
 
 /// The KVM API version this crate is written against.
@@ -81,20 +84,27 @@ pub struct VmConfig {
     pub log_dirty_pages: bool,
 }
 
-/// A KVM virtual machine with its guest memory registered.
-///
-/// The VM keeps its own handle on the guest memory so that the mappings
-/// outlive every memory slot that points at them (see the field order).
+/// The VM file descriptor together with the guest memory its slots point
+/// at. Everything that keeps the VM fd alive beyond the [`Vm`] (interrupt
+/// lines, the GSI router) holds this, so the mappings always outlive the
+/// slots that point at them.
 #[derive(Debug)]
-pub struct Vm {
+pub(crate) struct VmShared {
     // Dropped first: closing the VM fd tears down the slots before the
     // mappings in `memory` can be unmapped.
-    fd: VmFd,
-    kvm: Kvm,
+    pub(crate) fd: VmFd,
     memory: GuestMemoryMmap,
+}
+
+/// A KVM virtual machine with its guest memory registered.
+#[derive(Debug)]
+pub struct Vm {
+    shared: Arc<VmShared>,
+    kvm: Kvm,
     slots: Vec<MemorySlot>,
     supported_cpuid: CpuId,
     config: VmConfig,
+    router: Option<Arc<IrqRouter>>,
 }
 
 /// The capabilities a VM with `config` needs, with their KVM names.
@@ -108,6 +118,8 @@ fn required_capabilities(config: &VmConfig) -> Vec<(Cap, &'static str)> {
     ];
     if config.irqchip {
         required.push((Cap::Irqchip, "KVM_CAP_IRQCHIP"));
+        required.push((Cap::Irqfd, "KVM_CAP_IRQFD"));
+        required.push((Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"));
     }
     if config.pit {
         required.push((Cap::Pit2, "KVM_CAP_PIT2"));
@@ -190,10 +202,12 @@ impl Vm {
                 userspace_addr: s.userspace_addr,
             };
             // SAFETY: `userspace_addr..+memory_size` is a live read/write
-            // mapping owned by a region of `memory`. The Vm stores `memory`
-            // and drops it only after `fd` (field order), and every Vcpu
-            // holds its own clone of `memory` for as long as its fd lives, so
-            // the mapping outlives every user of the slot in the kernel.
+            // mapping owned by a region of `memory`. `memory` is stored next
+            // to `fd` in `VmShared`, which drops it only after `fd` (field
+            // order) and is itself dropped only when the last holder of the
+            // VM fd is gone; every Vcpu holds its own clone of `memory` for
+            // as long as its fd lives. So the mapping outlives every user of
+            // the slot in the kernel.
             unsafe { fd.set_user_memory_region(region) }.map_err(|source| VmError::MemorySlot {
                 slot: s.slot,
                 guest_addr: s.guest_phys_addr,
@@ -201,13 +215,19 @@ impl Vm {
                 source,
             })?;
         }
+        let shared = Arc::new(VmShared { fd, memory });
+        let router = if config.irqchip {
+            Some(Arc::new(IrqRouter::new(Arc::clone(&shared), &kvm)))
+        } else {
+            None
+        };
         Ok(Vm {
-            fd,
+            shared,
             kvm,
-            memory,
             slots,
             supported_cpuid,
             config,
+            router,
         })
     }
 
@@ -215,6 +235,7 @@ impl Vm {
     /// [`Vcpu::configure`] before running it.
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VcpuError> {
         let fd = self
+            .shared
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|source| VcpuError::Ioctl {
@@ -224,16 +245,43 @@ impl Vm {
         Ok(Vcpu::new(
             fd,
             id,
-            self.memory.clone(),
+            self.shared.memory.clone(),
             self.supported_cpuid.clone(),
             self.config.irqchip,
         ))
     }
 
     /// The KVM VM file descriptor, for what this crate does not wrap yet
-    /// (irqfd, ioeventfd, ...).
+    /// (ioeventfd, ...).
     pub fn fd(&self) -> &VmFd {
-        &self.fd
+        &self.shared.fd
+    }
+
+    /// The GSI routing table of a VM with the in-kernel irqchip.
+    pub fn irq_router(&self) -> Result<&Arc<IrqRouter>, IrqError> {
+        self.router.as_ref().ok_or(IrqError::NoIrqchip)
+    }
+
+    /// An edge-triggered interrupt line into `gsi` through an irqfd: each
+    /// [`trigger`](IrqLine::trigger) (or assert) pulses the GSI. Needs the
+    /// in-kernel irqchip.
+    pub fn edge_irq_line(&self, gsi: u32) -> Result<Arc<IrqLine>, IrqError> {
+        IrqLine::new(self.irq_router()?, gsi, false).map(Arc::new)
+    }
+
+    /// A level-triggered interrupt line into `gsi` through an irqfd with a
+    /// resample fd: while the line is asserted, the interrupt is raised again
+    /// after each guest EOI. Someone must serve the resample events, usually
+    /// a [`ResampleWorker`](crate::irq::ResampleWorker). Needs the in-kernel
+    /// irqchip.
+    pub fn level_irq_line(&self, gsi: u32) -> Result<Arc<IrqLine>, IrqError> {
+        IrqLine::new(self.irq_router()?, gsi, true).map(Arc::new)
+    }
+
+    /// `count` MSI vectors, each with its own GSI route and irqfd. Needs
+    /// the in-kernel irqchip.
+    pub fn msi_vectors(&self, count: u16) -> Result<Arc<KvmMsiVectors>, IrqError> {
+        KvmMsiVectors::new(self.irq_router()?, count).map(Arc::new)
     }
 
     /// The `/dev/kvm` handle.
@@ -243,7 +291,7 @@ impl Vm {
 
     /// The guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
+        &self.shared.memory
     }
 
     /// The memory slots registered with KVM.
@@ -272,6 +320,7 @@ impl Vm {
         // Slots are built from host mappings, so their size fits a usize.
         let size = usize::try_from(s.memory_size).map_err(|_| VmError::NoSuchSlot(slot))?;
         let bitmap = self
+            .shared
             .fd
             .get_dirty_log(slot, size)
             .map_err(|source| VmError::Ioctl {

@@ -149,3 +149,60 @@ impl BusDevice for Recorder {
         Ok(IoAction::Continue)
     }
 }
+
+/// Assembles guest code for `bitness` at `base`.
+pub fn assemble_at(
+    bitness: u32,
+    base: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bitness).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(base).unwrap()
+}
+
+/// A port device that calls a closure with each value written to it.
+pub struct Hook(pub Box<dyn Fn(u64) + Send + Sync>);
+
+impl Hook {
+    pub fn new(f: impl Fn(u64) + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(Hook(Box::new(f)))
+    }
+}
+
+impl BusDevice for Hook {
+    fn read(&self, _offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        data.fill(0);
+        Ok(())
+    }
+    fn write(&self, _offset: u64, data: &[u8]) -> Result<IoAction, DeviceError> {
+        let mut bytes = [0u8; 8];
+        let n = data.len().min(8);
+        bytes[..n].copy_from_slice(&data[..n]);
+        (self.0)(u64::from_le_bytes(bytes));
+        Ok(IoAction::Continue)
+    }
+}
+
+/// Fails the whole test process if it is not dropped within `limit`: a
+/// guest waiting in HLT for an interrupt that never comes would otherwise
+/// hang the test run.
+pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+pub fn watchdog(test: &'static str, limit: std::time::Duration) -> Watchdog {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("WATCHDOG: {test} did not finish within {limit:?}; failing the test run");
+            std::process::exit(101);
+        }
+    });
+    Watchdog(Some(tx))
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the watchdog thread with Disconnected.
+        self.0.take();
+    }
+}
