@@ -37,12 +37,14 @@
 #![deny(missing_docs)]
 
 pub mod cpuid;
+pub mod handle;
 pub mod io;
 pub mod irq;
 pub mod vcpu;
 pub mod vm;
 
 pub use cpuid::CpuidConfig;
+pub use handle::{set_kick_signal, HandleError, VcpuHandle, VcpuState};
 pub use io::{IoAction, IoHandler};
 pub use irq::{IrqError, IrqLine, IrqRouter, KvmMsiVectors, MsiRoute, ResampleWorker};
 pub use vcpu::{BootConfig, CpuMode, RegisterDump, StopReason, SystemEvent, Vcpu, VcpuError};

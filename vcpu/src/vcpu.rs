@@ -1,14 +1,31 @@
 //! A vCPU: mode setup (real, protected, long), CPUID, MSRs and the run loop.
 
 use std::fmt;
+use std::mem::offset_of;
+use std::ptr::NonNull;
+use std::sync::Arc;
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_run__bindgen_ty_1__bindgen_ty_2 as FailEntryExit,
+    kvm_run__bindgen_ty_1__bindgen_ty_4 as IoExit, kvm_run__bindgen_ty_1__bindgen_ty_6 as MmioExit,
+    kvm_segment, kvm_sregs, CpuId, Msrs, KVMIO,
+};
+use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 use vmkit_memory::GuestMemoryMmap;
 
 use crate::cpuid::{filter_cpuid, CpuidConfig};
+use crate::handle::{HandleError, Interrupt, VcpuHandle, VcpuShared};
 use crate::io::{IoAction, IoHandler};
+
+/// The ioctl numbers vmkit issues itself.
+mod ioctl_numbers {
+    use super::KVMIO;
+    // KVM_RUN is `_IO(KVMIO, 0x80)` (include/uapi/linux/kvm.h).
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+}
+use ioctl_numbers::KVM_RUN;
 
 /// Errors from configuring or running a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +67,20 @@ pub enum VcpuError {
     /// `KVM_RUN` failed.
     #[error("KVM_RUN failed: {0}")]
     Run(#[source] kvm_ioctls::Error),
+    /// KVM described an I/O exit whose data lies outside the `kvm_run`
+    /// mapping (a kernel bug; never trusted).
+    #[error("KVM reported I/O data at offset {offset:#x}, {len} bytes, outside the {size:#x}-byte kvm_run mapping")]
+    BadExitData {
+        /// Offset of the data in the mapping.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// Size of the mapping.
+        size: usize,
+    },
+    /// Setting up vCPU control (the kick signal) failed.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
 }
 
 /// Selector of the code segment in the GDT vmkit writes (as Linux's
@@ -220,8 +251,13 @@ pub enum StopReason {
         /// Registers at the failure.
         registers: Box<RegisterDump>,
     },
-    /// `KVM_RUN` returned EINTR: a signal arrived (e.g. a kick).
+    /// `KVM_RUN` returned EINTR because of a signal that was not a kick
+    /// (see [`Kicked`](Self::Kicked)).
     Interrupted,
+    /// A [`VcpuHandle::kick`] asked the run loop to return.
+    Kicked,
+    /// A [`VcpuHandle::stop`] asked the vCPU to stop.
+    Stopped,
     /// An exit this run loop does not handle.
     Unhandled {
         /// `KVM_EXIT_*` reason.
@@ -235,9 +271,29 @@ pub enum StopReason {
 /// that has not been started yet).
 const MAX_EAGAIN: u32 = 1000;
 
+/// The vCPU's `kvm_run` mapping, only ever accessed through raw pointers
+/// (see [`crate::handle`] for why).
+#[derive(Debug)]
+struct RunArea {
+    ptr: NonNull<kvm_run>,
+    size: usize,
+}
+
+// SAFETY: the mapping belongs to the VcpuFd next to it in `Vcpu`, which is
+// Send and Sync; the run loop (the only reader and writer apart from the
+// atomic `immediate_exit`) needs `&mut Vcpu`, so moving or sharing the
+// pointer between threads cannot create unsynchronised access.
+unsafe impl Send for RunArea {}
+// SAFETY: as for Send: `&Vcpu` methods never touch the mapping.
+unsafe impl Sync for RunArea {}
+
 /// A vCPU of a [`Vm`](crate::Vm).
 #[derive(Debug)]
 pub struct Vcpu {
+    // `shared` is retired in Drop before any field is dropped, so no handle
+    // writes into the mapping once `fd` (which owns it) goes.
+    shared: Arc<VcpuShared>,
+    run_area: RunArea,
     // Dropped before `memory`: the guest memory outlives the vCPU fd.
     fd: VcpuFd,
     id: u32,
@@ -260,18 +316,89 @@ const APIC_LVT_MODE_AND_MASK: u32 = 0x0001_0700;
 
 impl Vcpu {
     pub(crate) fn new(
-        fd: VcpuFd,
+        mut fd: VcpuFd,
         id: u32,
         memory: GuestMemoryMmap,
         supported_cpuid: CpuId,
         has_lapic: bool,
-    ) -> Self {
-        Vcpu {
+        run_size: usize,
+    ) -> Result<Self, VcpuError> {
+        // The only reference to kvm_run ever created; it ends here, and from
+        // now on the mapping is reached through this pointer alone.
+        let ptr = NonNull::from(fd.get_kvm_run());
+        let immediate_exit = ptr
+            .as_ptr()
+            .cast::<u8>()
+            .wrapping_add(offset_of!(kvm_run, immediate_exit));
+        // SAFETY: `immediate_exit` points into the kvm_run mapping owned by
+        // `fd`. `Vcpu::drop` retires `shared` before `fd` is dropped, so the
+        // mapping outlives every use; vmkit touches the byte only through
+        // `VcpuShared` (atomically) and never calls kvm-ioctls' `run` or
+        // `set_kvm_immediate_exit`.
+        let shared = Arc::new(unsafe { VcpuShared::new(immediate_exit) }?);
+        Ok(Vcpu {
+            shared,
+            run_area: RunArea {
+                ptr,
+                size: run_size,
+            },
             fd,
             id,
             memory,
             supported_cpuid,
             has_lapic,
+        })
+    }
+
+    /// A handle that kicks, pauses, resumes and stops this vCPU from other
+    /// threads.
+    pub fn handle(&self) -> VcpuHandle {
+        VcpuHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Completes an I/O exit in flight without running guest code: enters
+    /// `KVM_RUN` with `immediate_exit` set, which KVM requires before the
+    /// vCPU's state is saved. A no-op when nothing is in flight.
+    pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        let shared = Arc::clone(&self.shared);
+        let _guard = shared.enter();
+        self.shared.arm();
+        let mut result = Err(VcpuError::Busy(MAX_EAGAIN));
+        for _ in 0..MAX_EAGAIN {
+            match self.kvm_run() {
+                Err(e) if e.errno() == libc::EINTR => {
+                    result = Ok(());
+                    break;
+                }
+                // An AP not started yet, or (never seen) an exit despite
+                // immediate_exit: try again, boundedly.
+                Err(e) if e.errno() == libc::EAGAIN => {}
+                Ok(()) => {}
+                Err(e) => {
+                    result = Err(VcpuError::Run(e));
+                    break;
+                }
+            }
+        }
+        // Clears our arming unless a request arrived meanwhile (that one
+        // stays pending for `run`).
+        self.shared.disarm();
+        result
+    }
+
+    /// One `KVM_RUN`.
+    fn kvm_run(&self) -> Result<(), kvm_ioctls::Error> {
+        // SAFETY: KVM_RUN on a vCPU fd takes no argument; the kernel reads
+        // and writes only the vCPU's own kvm_run mapping, which `self.fd`
+        // keeps alive, and which vmkit accesses only through raw pointers
+        // and atomics (never through a live reference).
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(&self.fd, KVM_RUN()) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(kvm_ioctls::Error::last())
         }
     }
 
@@ -525,64 +652,48 @@ impl Vcpu {
 
     /// Runs the guest until it stops, handing port I/O and MMIO exits to
     /// `io`. I/O exits are handled without leaving the loop and without
-    /// allocating; everything else returns a [`StopReason`].
+    /// allocating; everything else returns a [`StopReason`]. A
+    /// [`VcpuHandle`] can kick, pause or stop the loop from other threads.
     pub fn run<H: IoHandler + ?Sized>(&mut self, io: &H) -> Result<StopReason, VcpuError> {
+        let shared = Arc::clone(&self.shared);
+        let _guard = shared.enter();
         let mut eagain = 0;
         loop {
-            let action = match self.fd.run() {
-                Ok(exit) => {
-                    eagain = 0;
-                    match exit {
-                        VcpuExit::IoOut(port, data) => io.pio_write(port, data),
-                        VcpuExit::IoIn(port, data) => {
-                            io.pio_read(port, data);
-                            IoAction::Continue
-                        }
-                        VcpuExit::MmioRead(addr, data) => {
-                            io.mmio_read(addr, data);
-                            IoAction::Continue
-                        }
-                        VcpuExit::MmioWrite(addr, data) => io.mmio_write(addr, data),
-                        VcpuExit::Hlt => return Ok(StopReason::Hlt),
-                        VcpuExit::Shutdown => {
-                            return Ok(StopReason::Shutdown(Box::new(self.dump())))
-                        }
-                        VcpuExit::SystemEvent(kind, data) => {
-                            let data = data.first().copied().unwrap_or(0);
-                            let kind = match kind {
-                                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
-                                kvm_bindings::KVM_SYSTEM_EVENT_RESET => SystemEvent::Reset,
-                                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => SystemEvent::Crash,
-                                other => SystemEvent::Other(other),
-                            };
-                            return Ok(StopReason::SystemEvent { kind, data });
-                        }
-                        VcpuExit::InternalError => return Ok(self.internal_error()),
-                        VcpuExit::FailEntry(reason, cpu) => {
-                            return Ok(StopReason::FailEntry {
-                                reason,
-                                cpu,
-                                registers: Box::new(self.dump()),
-                            })
-                        }
-                        _ => {
-                            let exit_reason = self.fd.get_kvm_run().exit_reason;
-                            return Ok(StopReason::Unhandled {
-                                exit_reason,
-                                registers: Box::new(self.dump()),
-                            });
-                        }
-                    }
-                }
-                Err(e) if e.errno() == libc::EINTR => return Ok(StopReason::Interrupted),
+            match self.kvm_run() {
+                Ok(()) => eagain = 0,
+                Err(e) if e.errno() == libc::EINTR => match shared.interrupted() {
+                    Interrupt::Continue => continue,
+                    Interrupt::Kicked => return Ok(StopReason::Kicked),
+                    Interrupt::Stopped => return Ok(StopReason::Stopped),
+                    Interrupt::Foreign => return Ok(StopReason::Interrupted),
+                },
                 Err(e) if e.errno() == libc::EAGAIN => {
                     eagain += 1;
                     if eagain >= MAX_EAGAIN {
                         return Err(VcpuError::Busy(eagain));
                     }
-                    IoAction::Continue
+                    continue;
                 }
                 Err(e) => return Err(VcpuError::Run(e)),
+            }
+            let action = match self.exit_reason() {
+                kvm_bindings::KVM_EXIT_IO => self.handle_io(io)?,
+                kvm_bindings::KVM_EXIT_MMIO => self.handle_mmio(io),
+                kvm_bindings::KVM_EXIT_HLT => return Ok(StopReason::Hlt),
+                kvm_bindings::KVM_EXIT_SHUTDOWN => {
+                    return Ok(StopReason::Shutdown(Box::new(self.dump())))
+                }
+                kvm_bindings::KVM_EXIT_SYSTEM_EVENT => return Ok(self.system_event()),
+                kvm_bindings::KVM_EXIT_INTERNAL_ERROR => return Ok(self.internal_error()),
+                kvm_bindings::KVM_EXIT_FAIL_ENTRY => return Ok(self.fail_entry()),
+                // KVM_EXIT_INTR: a signal arrived right at an exit.
+                kvm_bindings::KVM_EXIT_INTR => IoAction::Continue,
+                exit_reason => {
+                    return Ok(StopReason::Unhandled {
+                        exit_reason,
+                        registers: Box::new(self.dump()),
+                    })
+                }
             };
             match action {
                 IoAction::Continue => {}
@@ -593,13 +704,139 @@ impl Vcpu {
         }
     }
 
-    fn internal_error(&mut self) -> StopReason {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: KVM_RUN just returned with exit_reason
-        // KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the `internal`
-        // member of the exit union; every bit pattern is a valid value of
-        // that plain-integer struct, and it is copied out by value.
-        let internal = unsafe { run.__bindgen_anon_1.internal };
+    fn run_ptr(&self) -> *mut kvm_run {
+        self.run_area.ptr.as_ptr()
+    }
+
+    /// A pointer to the exit member of type `T` in kvm_run's exit union
+    /// (every member starts at the union's offset). Computing it reads
+    /// nothing.
+    fn exit_member<T>(&self) -> *const T {
+        self.run_ptr()
+            .cast::<u8>()
+            .wrapping_add(offset_of!(kvm_run, __bindgen_anon_1))
+            .cast::<T>()
+    }
+
+    fn exit_reason(&self) -> u32 {
+        let field = self
+            .run_ptr()
+            .cast::<u8>()
+            .wrapping_add(offset_of!(kvm_run, exit_reason))
+            .cast::<u32>();
+        // SAFETY: the mapping is live (owned by `self.fd`) and the field is
+        // an aligned plain integer the kernel wrote before KVM_RUN returned,
+        // read by value without creating a reference.
+        unsafe { field.read_volatile() }
+    }
+
+    /// A port I/O exit: one handler call per repetition of a string
+    /// instruction.
+    fn handle_io<H: IoHandler + ?Sized>(&mut self, io: &H) -> Result<IoAction, VcpuError> {
+        // SAFETY: exit_reason is KVM_EXIT_IO, for which the kernel filled
+        // the `io` member; it is plain integers, copied out by value.
+        let exit = unsafe { self.exit_member::<IoExit>().read_volatile() };
+        let size = u64::from(exit.size);
+        let len = size * u64::from(exit.count);
+        let header = std::mem::size_of::<kvm_run>() as u64;
+        let in_bounds = exit
+            .data_offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.run_area.size as u64);
+        if exit.data_offset < header || !in_bounds || !matches!(size, 1 | 2 | 4) {
+            return Err(VcpuError::BadExitData {
+                offset: exit.data_offset,
+                len,
+                size: self.run_area.size,
+            });
+        }
+        let start = self
+            .run_ptr()
+            .cast::<u8>()
+            .wrapping_add(exit.data_offset as usize);
+        // SAFETY: checked above: `data_offset..data_offset + len` lies in
+        // the mapping and after the kvm_run header, so the slice overlaps
+        // neither `immediate_exit` nor anything else vmkit reads; the kernel
+        // does not touch it until the next KVM_RUN, which needs `&mut self`,
+        // so the slice is unaliased for its lifetime.
+        let data = unsafe { std::slice::from_raw_parts_mut(start, len as usize) };
+        let mut action = IoAction::Continue;
+        for chunk in data.chunks_exact_mut(size as usize) {
+            if u32::from(exit.direction) == kvm_bindings::KVM_EXIT_IO_OUT {
+                action = io.pio_write(exit.port, chunk);
+                if action != IoAction::Continue {
+                    break;
+                }
+            } else {
+                io.pio_read(exit.port, chunk);
+            }
+        }
+        Ok(action)
+    }
+
+    /// An MMIO exit.
+    fn handle_mmio<H: IoHandler + ?Sized>(&mut self, io: &H) -> IoAction {
+        let member = self.exit_member::<MmioExit>();
+        // SAFETY: exit_reason is KVM_EXIT_MMIO, for which the kernel filled
+        // the `mmio` member: plain integers, copied out by value.
+        let exit = unsafe { member.read_volatile() };
+        let data = member
+            .cast::<u8>()
+            .wrapping_add(offset_of!(MmioExit, data))
+            .cast_mut();
+        let len = (exit.len as usize).min(exit.data.len());
+        // SAFETY: the slice covers `len` <= 8 bytes of `mmio.data` inside the
+        // live mapping, which overlaps no other field vmkit reads or writes;
+        // the kernel leaves it alone until the next KVM_RUN (which needs
+        // `&mut self`), so it is unaliased for its lifetime.
+        let data = unsafe { std::slice::from_raw_parts_mut(data, len) };
+        if exit.is_write != 0 {
+            io.mmio_write(exit.phys_addr, data)
+        } else {
+            io.mmio_read(exit.phys_addr, data);
+            IoAction::Continue
+        }
+    }
+
+    fn system_event(&self) -> StopReason {
+        // SAFETY: exit_reason is KVM_EXIT_SYSTEM_EVENT, for which the kernel
+        // filled `system_event`: plain integers, copied out by value.
+        let event = unsafe {
+            self.exit_member::<kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_19>()
+                .read_volatile()
+        };
+        let kind = match event.type_ {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => SystemEvent::Reset,
+            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => SystemEvent::Crash,
+            other => SystemEvent::Other(other),
+        };
+        // SAFETY: `data` is the member KVM uses on x86 (ndata words); both
+        // members are plain integers, valid for any bit pattern.
+        let words = unsafe { event.__bindgen_anon_1.data };
+        let data = if event.ndata > 0 { words[0] } else { 0 };
+        StopReason::SystemEvent { kind, data }
+    }
+
+    fn fail_entry(&self) -> StopReason {
+        // SAFETY: exit_reason is KVM_EXIT_FAIL_ENTRY, for which the kernel
+        // filled `fail_entry`: plain integers, copied out by value.
+        let fail = unsafe { self.exit_member::<FailEntryExit>().read_volatile() };
+        StopReason::FailEntry {
+            reason: fail.hardware_entry_failure_reason,
+            cpu: fail.cpu,
+            registers: Box::new(self.dump()),
+        }
+    }
+
+    fn internal_error(&self) -> StopReason {
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, for which the
+        // kernel filled the `internal` member: plain integers, copied out by
+        // value.
+        let internal = unsafe {
+            self.exit_member::<kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_13>()
+                .read_volatile()
+        };
         let mut data = [0u64; 4];
         let n = (internal.ndata as usize)
             .min(data.len())
@@ -610,6 +847,13 @@ impl Vcpu {
             data,
             registers: Box::new(self.dump()),
         }
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        // Before any field (and so the kvm_run mapping) is dropped.
+        self.shared.retire();
     }
 }
 

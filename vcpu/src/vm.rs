@@ -105,6 +105,8 @@ pub struct Vm {
     supported_cpuid: CpuId,
     config: VmConfig,
     router: Option<Arc<IrqRouter>>,
+    /// Size of each vCPU's kvm_run mapping.
+    run_size: usize,
 }
 
 /// The capabilities a VM with `config` needs, with their KVM names.
@@ -221,7 +223,11 @@ impl Vm {
         } else {
             None
         };
+        let run_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(ioctl("KVM_GET_VCPU_MMAP_SIZE"))?;
         Ok(Vm {
+            run_size,
             shared,
             kvm,
             slots,
@@ -242,13 +248,14 @@ impl Vm {
                 op: "KVM_CREATE_VCPU",
                 source,
             })?;
-        Ok(Vcpu::new(
+        Vcpu::new(
             fd,
             id,
             self.shared.memory.clone(),
             self.supported_cpuid.clone(),
             self.config.irqchip,
-        ))
+            self.run_size,
+        )
     }
 
     /// The KVM VM file descriptor, for what this crate does not wrap yet
