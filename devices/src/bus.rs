@@ -346,6 +346,59 @@ impl Bus {
             })
     }
 
+    /// Atomically moves the device registered at exactly `old_base` to
+    /// `new_base..new_base + new_len`.
+    ///
+    /// The new range is checked like [`insert`](Self::insert), except that
+    /// it may overlap the device's own old range. On error nothing changes:
+    /// the device stays at its old range. No access ever sees the device in
+    /// neither range (as a remove followed by an insert would allow).
+    pub fn relocate(&self, old_base: u64, new_base: u64, new_len: u64) -> Result<(), BusError> {
+        let space = self.space;
+        if new_len == 0 {
+            return Err(BusError::ZeroLength {
+                base: new_base,
+                space,
+            });
+        }
+        let max = space.max_addr();
+        let range = BusRange::new(new_base, new_len)
+            .filter(|r| r.last() <= max)
+            .ok_or(BusError::OutOfAddressSpace {
+                base: new_base,
+                len: new_len,
+                space,
+                max,
+            })?;
+
+        let mut map = self.write_map();
+        if !map.contains_key(&old_base) {
+            return Err(BusError::NotRegistered {
+                base: old_base,
+                space,
+            });
+        }
+        // As in `insert`, the only candidate for an overlap is the highest
+        // other range starting at or below our last address.
+        if let Some((_, (existing, _))) = map
+            .range(..=range.last())
+            .rev()
+            .find(|(base, _)| **base != old_base)
+        {
+            if existing.overlaps(&range) {
+                return Err(BusError::Overlap {
+                    new: range,
+                    existing: *existing,
+                    space,
+                });
+            }
+        }
+        if let Some((_, device)) = map.remove(&old_base) {
+            map.insert(new_base, (range, device));
+        }
+        Ok(())
+    }
+
     /// Finds the device whose range contains `addr`.
     ///
     /// `O(log n)`; the internal lock is released before this returns.

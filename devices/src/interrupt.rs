@@ -249,9 +249,10 @@ impl RecordingMsiVectors {
         if i < len {
             Ok(i)
         } else {
+            // `count()` would take the lock the caller holds: use `len`.
             Err(InterruptError::VectorOutOfRange {
                 index,
-                count: self.count(),
+                count: u16::try_from(len).unwrap_or(u16::MAX),
             })
         }
     }

@@ -16,6 +16,17 @@
 //!   a keyboard, no mouse and the CPU reset line.
 //! * [`rtc`]: an MC146818-compatible CMOS real-time clock ([`Rtc`]) at ports
 //!   `0x70`/`0x71`, with 128 bytes of CMOS RAM.
+//! * [`pci`]: a PCI Express root complex ([`PciRoot`]) for bus 0. Guests
+//!   reach configuration space through ports `0xCF8`/`0xCFC` or ECAM; each
+//!   function implements [`PciDevice`], usually on top of a [`ConfigSpace`]
+//!   whose masks keep read-only fields read-only and implement BAR sizing.
+//!   The root assigns BARs from the [`PciWindows`] with an
+//!   [`AddressAllocator`], maps them on the [`IoBus`], and moves or unmaps
+//!   them when the guest reprograms a BAR or the command register, refusing
+//!   (and counting) ranges outside the windows or on top of other devices.
+//!   [`Msix`] implements the MSI-X capability, table and pending bits in
+//!   front of [`MsiVectors`]. The reset control register at `0xCF9` lets a
+//!   guest reboot with `reboot=pci`.
 //!
 //! # Threat model
 //!
@@ -63,6 +74,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod interrupt;
+pub mod pci;
 pub mod rtc;
 pub mod serial;
 
@@ -76,6 +88,10 @@ pub use i8042::I8042;
 pub use interrupt::{
     CallbackLine, InterruptError, InterruptLine, MsiEvent, MsiMessage, MsiVectors, NullLine,
     RecordingLine, RecordingMsiVectors,
+};
+pub use pci::{
+    AddressAllocator, Bar, BarKind, ConfigSpace, HostBridge, IntxPin, Msix, MsixLayout, PciAddress,
+    PciDevice, PciError, PciHeader, PciRoot, PciRootStats, PciWindows, ECAM_BUS_SIZE,
 };
 pub use rtc::{Rtc, RtcError};
 pub use serial::Serial;

@@ -626,3 +626,46 @@ proptest! {
         run_model(AddressSpace::Pio, ops)?;
     }
 }
+
+#[test]
+fn relocate_moves_atomically_and_checks_overlaps() {
+    let bus = Bus::new(AddressSpace::Mmio);
+    bus.insert(0x1000, 0x100, Probe::new(1)).unwrap();
+    bus.insert(0x2000, 0x100, Probe::new(2)).unwrap();
+    // Onto itself, partially overlapping its own old range: allowed.
+    bus.relocate(0x1000, 0x1080, 0x100).unwrap();
+    assert_eq!(id_at(&bus, 0x1080), Some(1));
+    assert_eq!(id_at(&bus, 0x1000), None);
+    // Onto the other device: refused, nothing changes.
+    let err = bus.relocate(0x1080, 0x1f80, 0x100).unwrap_err();
+    assert!(matches!(err, BusError::Overlap { .. }), "{err}");
+    assert_eq!(id_at(&bus, 0x1080), Some(1));
+    // Past the other device, and across it.
+    bus.relocate(0x1080, 0x3000, 0x10).unwrap();
+    assert_eq!(id_at(&bus, 0x3000), Some(1));
+    assert_eq!(id_at(&bus, 0x3010), None);
+    assert!(bus.relocate(0x3000, 0x0, 0x4000).is_err());
+    assert!(matches!(
+        bus.relocate(0x5000, 0x0, 0x10),
+        Err(BusError::NotRegistered { base: 0x5000, .. })
+    ));
+    assert!(matches!(
+        bus.relocate(0x3000, 0x0, 0),
+        Err(BusError::ZeroLength { .. })
+    ));
+    assert!(matches!(
+        bus.relocate(0x3000, u64::MAX, 2),
+        Err(BusError::OutOfAddressSpace { .. })
+    ));
+    let pio = Bus::new(AddressSpace::Pio);
+    pio.insert(0x10, 4, Probe::new(3)).unwrap();
+    assert!(pio.relocate(0x10, 0xfffe, 4).is_err());
+    pio.relocate(0x10, 0xfffc, 4).unwrap();
+    assert_eq!(
+        pio.ranges(),
+        vec![BusRange {
+            base: 0xfffc,
+            len: 4
+        }]
+    );
+}
