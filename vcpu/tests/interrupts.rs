@@ -330,3 +330,115 @@ fn interrupt_lines_need_the_irqchip() {
     let err = vm.msi_vectors(1).unwrap_err();
     assert!(err.to_string().contains("in-kernel irqchip"), "{err}");
 }
+
+/// The 16550A raises its interrupt through an irqfd line on GSI 4: the
+/// THR-empty interrupt when the guest enables it, then a received-data
+/// interrupt when the host pushes input.
+#[test]
+fn the_uart_interrupts_the_guest_through_an_irqfd_line() {
+    require_kvm!();
+    let _dog = watchdog("uart irq", Duration::from_secs(20));
+    const VECTOR: u8 = 0x24;
+    let wait_for = |a: &mut CodeAssembler, n: u32| -> Result<(), IcedError> {
+        let mut wait = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut wait)?;
+        a.cli()?;
+        a.cmp(dword_ptr(COUNT), n)?;
+        a.jae(done)?;
+        a.sti()?;
+        a.hlt()?;
+        a.jmp(wait)?;
+        a.set_label(&mut done)
+    };
+    let code = assemble(64, |a| {
+        a.mov(al, 0xFFu32)?;
+        a.out(0x21u32, al)?;
+        a.out(0xA1u32, al)?;
+        a.lidt(ptr(IDTR))?;
+        a.mov(ebx, LAPIC)?;
+        a.mov(dword_ptr(rbx + 0xF0), 0x1FFu32)?;
+        a.mov(ebx, IOAPIC)?;
+        a.mov(dword_ptr(rbx), 0x10 + 2 * 4u32)?;
+        a.mov(dword_ptr(rbx + 0x10), u32::from(VECTOR))?;
+        a.mov(dword_ptr(rbx), 0x11 + 2 * 4u32)?;
+        a.mov(dword_ptr(rbx + 0x10), 0u32)?;
+        // IER: received data and THR empty.
+        a.mov(dx, 0x3F9u32)?;
+        a.mov(al, 0x03u32)?;
+        a.out(dx, al)?;
+        wait_for(a, 1)?;
+        a.mov(dx, u32::from(READY_PORT))?;
+        a.out(dx, al)?;
+        wait_for(a, 2)?;
+        a.mov(eax, dword_ptr(COUNT))?;
+        a.out(EXIT_PORT as u32, al)
+    });
+    let (vm, mut vcpu) = boot_with(
+        64,
+        &code,
+        VmConfig {
+            irqchip: true,
+            ..Default::default()
+        },
+    );
+    // Handler: report IIR, and the received byte for a data interrupt.
+    let at = HANDLERS;
+    let handler = assemble_at(64, at, |a| {
+        let mut skip = a.create_label();
+        a.push(rax)?;
+        a.push(rdx)?;
+        a.inc(dword_ptr(COUNT))?;
+        a.mov(dx, 0x3FAu32)?;
+        a.in_(al, dx)?;
+        a.movzx(eax, al)?;
+        a.mov(dx, u32::from(REPORT_PORT))?;
+        a.out(dx, eax)?;
+        a.and(al, 0x0Eu32)?;
+        a.cmp(al, 0x04u32)?;
+        a.jne(skip)?;
+        a.mov(dx, 0x3F8u32)?;
+        a.in_(al, dx)?;
+        a.movzx(eax, al)?;
+        a.mov(dx, u32::from(REPORT_PORT))?;
+        a.out(dx, eax)?;
+        a.set_label(&mut skip)?;
+        a.mov(eax, LAPIC + 0xB0)?;
+        a.mov(dword_ptr(rax), 0u32)?;
+        a.pop(rdx)?;
+        a.pop(rax)?;
+        a.iretq()
+    });
+    let mem = vm.memory();
+    mem.write_slice(&handler, GuestAddress(at)).unwrap();
+    let low = (at & 0xFFFF) | (0x10 << 16) | (0x8E00 << 32) | (((at >> 16) & 0xFFFF) << 48);
+    mem.write_obj(u128::from(low), GuestAddress(IDT + 16 * u64::from(VECTOR)))
+        .unwrap();
+    mem.write_obj(0xFFFu16, GuestAddress(IDTR)).unwrap();
+    mem.write_obj(IDT, GuestAddress(IDTR + 2)).unwrap();
+
+    let line = vm.edge_irq_line(4).unwrap();
+    let serial = Arc::new(vmkit_devices::Serial::new(Box::new(std::io::sink()), line));
+    let bus = bus();
+    bus.pio.insert(0x3F8, 8, serial.clone()).unwrap();
+    let s = serial.clone();
+    bus.pio
+        .insert(
+            u64::from(READY_PORT),
+            1,
+            Hook::new(move |_| assert_eq!(s.push_input(b"Z"), 1)),
+        )
+        .unwrap();
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let r = reports.clone();
+    bus.pio
+        .insert(
+            u64::from(REPORT_PORT),
+            4,
+            Hook::new(move |v| r.lock().unwrap().push(v)),
+        )
+        .unwrap();
+    assert_eq!(exit_code(vcpu.run(&bus).unwrap()), 2);
+    // IIR 0x02: THR empty; IIR 0x04: received data, then the byte.
+    assert_eq!(*reports.lock().unwrap(), vec![0x02, 0x04, u64::from(b'Z')]);
+}
