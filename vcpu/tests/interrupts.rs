@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::*;
 use iced_x86::code_asm::*;
 use vmkit_devices::{InterruptLine, MsiMessage, MsiVectors};
-use vmkit_memory::vm_memory::{Bytes, GuestAddress};
 use vmkit_vcpu::{IrqError, MsiRoute, ResampleWorker, StopReason, Vm, VmConfig};
 
 const IDT: u64 = 0x20000;
@@ -112,19 +111,11 @@ fn interrupt_guest(pins: Vec<Pin>, vectors: &[u8], expected: u32) -> (Vm, vmkit_
             ..Default::default()
         },
     );
-    let mem = vm.memory();
     for (i, &v) in vectors.iter().enumerate() {
         let at = HANDLERS + 0x100 * i as u64;
-        mem.write_slice(&assemble_at(64, at, handler(v)), GuestAddress(at))
-            .unwrap();
-        // 64-bit interrupt gate: selector 0x10 (BOOT_CS), present, DPL 0.
-        let low = (at & 0xFFFF) | (0x10 << 16) | (0x8E00 << 32) | (((at >> 16) & 0xFFFF) << 48);
-        let gate = u128::from(low) | (u128::from(at >> 32) << 64);
-        mem.write_obj(gate, GuestAddress(IDT + 16 * u64::from(v)))
-            .unwrap();
+        let code = assemble_at(64, at, handler(v));
+        install_handler(vm.memory(), IDT, IDTR, v, at, &code);
     }
-    mem.write_obj(0xFFFu16, GuestAddress(IDTR)).unwrap();
-    mem.write_obj(IDT, GuestAddress(IDTR + 2)).unwrap();
     (vm, vcpu)
 }
 
@@ -409,13 +400,7 @@ fn the_uart_interrupts_the_guest_through_an_irqfd_line() {
         a.pop(rax)?;
         a.iretq()
     });
-    let mem = vm.memory();
-    mem.write_slice(&handler, GuestAddress(at)).unwrap();
-    let low = (at & 0xFFFF) | (0x10 << 16) | (0x8E00 << 32) | (((at >> 16) & 0xFFFF) << 48);
-    mem.write_obj(u128::from(low), GuestAddress(IDT + 16 * u64::from(VECTOR)))
-        .unwrap();
-    mem.write_obj(0xFFFu16, GuestAddress(IDTR)).unwrap();
-    mem.write_obj(IDT, GuestAddress(IDTR + 2)).unwrap();
+    install_handler(vm.memory(), IDT, IDTR, VECTOR, at, &handler);
 
     let line = vm.edge_irq_line(4).unwrap();
     let serial = Arc::new(vmkit_devices::Serial::new(Box::new(std::io::sink()), line));

@@ -400,17 +400,15 @@ fn msix_vector_is_held_pending_while_masked_and_delivered_on_unmask() {
         a.pop(rax)?;
         a.iretq()
     });
-    let mem = vm.memory();
-    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
-    mem.write_slice(&handler, GuestAddress(handler_at)).unwrap();
-    let low = (handler_at & 0xFFFF) | (0x10 << 16) | (0x8E00 << 32) | ((handler_at >> 16) << 48);
-    mem.write_obj(
-        u128::from(low),
-        GuestAddress(idt + 16 * u64::from(MSIX_CAP_VECTOR)),
-    )
-    .unwrap();
-    mem.write_obj(0xFFFu16, GuestAddress(idtr)).unwrap();
-    mem.write_obj(idt, GuestAddress(idtr + 2)).unwrap();
+    vm.memory().write_slice(&code, GuestAddress(CODE)).unwrap();
+    install_handler(
+        vm.memory(),
+        idt,
+        idtr,
+        MSIX_CAP_VECTOR,
+        handler_at,
+        &handler,
+    );
 
     expect_exit(vcpu.run(&*bus).unwrap(), 1);
     assert_eq!(notified.load(Ordering::SeqCst), 1);

@@ -206,3 +206,24 @@ impl Drop for Watchdog {
         self.0.take();
     }
 }
+
+/// Writes `handler` at `at` and a 64-bit interrupt gate (selector 0x10,
+/// BOOT_CS; present, DPL 0) for `vector` into the 256-entry IDT at `idt`,
+/// and an IDTR image for that IDT at `idtr`.
+pub fn install_handler(
+    memory: &vmkit_memory::GuestMemoryMmap,
+    idt: u64,
+    idtr: u64,
+    vector: u8,
+    at: u64,
+    handler: &[u8],
+) {
+    memory.write_slice(handler, GuestAddress(at)).unwrap();
+    let low = (at & 0xFFFF) | (0x10 << 16) | (0x8E00 << 32) | (((at >> 16) & 0xFFFF) << 48);
+    let gate = u128::from(low) | (u128::from(at >> 32) << 64);
+    memory
+        .write_obj(gate, GuestAddress(idt + 16 * u64::from(vector)))
+        .unwrap();
+    memory.write_obj(0xFFFu16, GuestAddress(idtr)).unwrap();
+    memory.write_obj(idt, GuestAddress(idtr + 2)).unwrap();
+}
