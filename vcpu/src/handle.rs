@@ -424,3 +424,21 @@ impl VcpuHandle {
         self.shared.state()
     }
 }
+
+/// Pauses every vCPU of `handles` together: asks all of them first (so they
+/// park in parallel), then waits for each. On return none of them runs
+/// guest code until [`resume_all`].
+pub fn pause_all(handles: &[VcpuHandle]) -> Result<(), HandleError> {
+    for h in handles {
+        h.shared.request(|c| c.pause = true)?;
+    }
+    for h in handles {
+        h.pause()?;
+    }
+    Ok(())
+}
+
+/// Resumes every vCPU of `handles`.
+pub fn resume_all(handles: &[VcpuHandle]) -> Result<(), HandleError> {
+    handles.iter().try_for_each(VcpuHandle::resume)
+}

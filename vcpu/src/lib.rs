@@ -44,7 +44,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use cpuid::CpuidConfig;
-pub use handle::{set_kick_signal, HandleError, VcpuHandle, VcpuState};
+pub use handle::{pause_all, resume_all, set_kick_signal, HandleError, VcpuHandle, VcpuState};
 pub use io::{IoAction, IoHandler};
 pub use irq::{IrqError, IrqLine, IrqRouter, KvmMsiVectors, MsiRoute, ResampleWorker};
 pub use vcpu::{BootConfig, CpuMode, RegisterDump, StopReason, SystemEvent, Vcpu, VcpuError};

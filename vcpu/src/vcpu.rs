@@ -407,15 +407,45 @@ impl Vcpu {
         self.id
     }
 
-    /// The KVM vCPU fd, for what this crate does not wrap. Running the vCPU
-    /// through it bypasses this crate's run loop.
+    /// The KVM vCPU fd, for what this crate does not wrap. (It is shared:
+    /// kvm-ioctls' `run`, which needs `&mut`, cannot be called through it,
+    /// so nothing aliases the `kvm_run` mapping the run loop uses.)
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
     }
 
+    /// Sets up an application processor: CPUID, boot MSRs and FPU as for
+    /// [`configure`](Self::configure), but no registers — the AP waits in
+    /// KVM for the INIT/SIPI sequence its bootstrap processor sends, which
+    /// sets CS:IP (real mode, at the SIPI vector's page). Its local
+    /// interrupt pins stay as KVM resets them (masked), as on a PC where
+    /// only the BSP's LINT0 is wired to the PIC. Needs the in-kernel
+    /// irqchip, and a vCPU id other than the boot CPU's (0).
+    pub fn configure_ap(&self, cpuid: &CpuidConfig) -> Result<(), VcpuError> {
+        if !self.has_lapic {
+            return Err(VcpuError::InvalidBoot(
+                "an application processor waits for INIT/SIPI, which needs the in-kernel irqchip",
+            ));
+        }
+        if self.id == 0 {
+            return Err(VcpuError::InvalidBoot(
+                "vCPU 0 is the bootstrap processor; configure it with `configure`",
+            ));
+        }
+        self.set_cpuid(cpuid)?;
+        self.set_boot_msrs()?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))
+    }
+
     /// Sets CPUID, MSRs, FPU, segment/control registers and general
-    /// registers for `boot`. Long and protected mode write a GDT into guest
-    /// memory; long mode expects page tables at `cr3` already.
+    /// registers for `boot` (the bootstrap processor, or a single-vCPU
+    /// guest). Long and protected mode write a GDT into guest memory; long
+    /// mode expects page tables at `cr3` already.
     pub fn configure(&self, boot: &BootConfig) -> Result<(), VcpuError> {
         self.set_cpuid(&boot.cpuid)?;
         self.set_boot_msrs()?;
