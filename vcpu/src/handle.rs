@@ -121,6 +121,21 @@ pub fn kick_signal() -> Result<c_int, HandleError> {
     signal_result(KICK_SIGNAL.get_or_init(|| install(vmm_sys_util::signal::SIGRTMIN())))
 }
 
+/// Unblocks `signal` on the calling thread.
+fn unblock(signal: c_int) {
+    // SAFETY: sigset_t is a plain bit array; all zeroes is a valid
+    // (empty) value, and sigemptyset below makes it so portably.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: as above; a signal `install` accepted is valid, and an
+    // invalid one would only make the call fail, leaving `set` as is.
+    unsafe { libc::sigaddset(&mut set, signal) };
+    // SAFETY: reads `set` and changes only the calling thread's mask;
+    // the old mask is not requested (null).
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
 /// What the run loop does after `KVM_RUN` returned EINTR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Interrupt {
@@ -146,6 +161,9 @@ struct Control {
     kick: bool,
     pause: bool,
     stop: bool,
+    /// Threads waiting on `changed`; notifications (a futex syscall each)
+    /// are skipped when there are none, which keeps them off the kick path.
+    waiters: u32,
 }
 
 /// The `immediate_exit` byte of a vCPU's `kvm_run` mapping.
@@ -187,6 +205,34 @@ impl VcpuShared {
         })
     }
 
+    /// Wakes the waiters on `changed`, if there are any.
+    fn notify(&self, c: &Control) {
+        if c.waiters > 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits on `changed` (at most `timeout`, if given), counted in
+    /// `waiters`.
+    fn wait<'a>(
+        &self,
+        mut c: MutexGuard<'a, Control>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, Control> {
+        c.waiters += 1;
+        let mut c = match timeout {
+            None => self.changed.wait(c).unwrap_or_else(PoisonError::into_inner),
+            Some(t) => {
+                self.changed
+                    .wait_timeout(c, t)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        };
+        c.waiters -= 1;
+        c
+    }
+
     fn lock(&self) -> MutexGuard<'_, Control> {
         // Every critical section leaves `Control` consistent.
         self.control.lock().unwrap_or_else(PoisonError::into_inner)
@@ -211,23 +257,21 @@ impl VcpuShared {
         c.alive = false;
         c.thread = None;
         c.state = VcpuState::Idle;
-        self.changed.notify_all();
+        self.notify(&c);
     }
 
     /// Called by `Vcpu::run` on entry: records the thread, unblocks the
     /// kick signal on it, and arms `immediate_exit` if requests are waiting.
     pub(crate) fn enter(&self) -> RunGuard<'_> {
-        // SAFETY: sigset_t is a plain bit array; all zeroes is a valid
-        // (empty) value, and sigemptyset below makes it so portably.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid, writable sigset_t.
-        unsafe { libc::sigemptyset(&mut set) };
-        // SAFETY: as above; a signal `install` accepted is valid, and an
-        // invalid one would only make the call fail, leaving `set` as is.
-        unsafe { libc::sigaddset(&mut set, self.signal) };
-        // SAFETY: reads `set` and changes only the calling thread's mask;
-        // the old mask is not requested (null).
-        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+        thread_local! {
+            /// The kick signal this thread has unblocked, if any: one
+            /// syscall per thread rather than one per `run`.
+            static UNBLOCKED: std::cell::Cell<Option<c_int>> = const { std::cell::Cell::new(None) };
+        }
+        if UNBLOCKED.get() != Some(self.signal) {
+            unblock(self.signal);
+            UNBLOCKED.set(Some(self.signal));
+        }
         let mut c = self.lock();
         // SAFETY: pthread_self has no preconditions.
         c.thread = Some(unsafe { libc::pthread_self() });
@@ -235,7 +279,7 @@ impl VcpuShared {
         if c.requested {
             self.set_immediate_exit(&c, 1);
         }
-        self.changed.notify_all();
+        self.notify(&c);
         RunGuard { shared: self }
     }
 
@@ -265,12 +309,12 @@ impl VcpuShared {
         }
         if c.pause {
             c.state = VcpuState::Paused;
-            self.changed.notify_all();
+            self.notify(&c);
             while c.pause && !c.stop && c.alive {
-                c = self.changed.wait(c).unwrap_or_else(PoisonError::into_inner);
+                c = self.wait(c, None);
             }
             c.state = VcpuState::Running;
-            self.changed.notify_all();
+            self.notify(&c);
             // A stop or kick made while parked armed immediate_exit again:
             // the next KVM_RUN returns at once and is handled then.
             return Interrupt::Continue;
@@ -304,7 +348,7 @@ impl VcpuShared {
                 log::warn!("kicking the vCPU thread failed: errno {r}");
             }
         }
-        self.changed.notify_all();
+        self.notify(&c);
         Ok(())
     }
 
@@ -323,7 +367,7 @@ impl Drop for RunGuard<'_> {
         let mut c = self.shared.lock();
         c.thread = None;
         c.state = VcpuState::Idle;
-        self.shared.changed.notify_all();
+        self.shared.notify(&c);
     }
 }
 
@@ -356,11 +400,7 @@ impl VcpuHandle {
         self.shared.request(|c| c.pause = true)?;
         let mut c = self.shared.lock();
         while c.alive && c.pause && c.state == VcpuState::Running {
-            c = self
-                .shared
-                .changed
-                .wait(c)
-                .unwrap_or_else(PoisonError::into_inner);
+            c = self.shared.wait(c, None);
         }
         Ok(())
     }
@@ -377,12 +417,7 @@ impl VcpuHandle {
             if left.is_zero() {
                 return Ok(false);
             }
-            c = self
-                .shared
-                .changed
-                .wait_timeout(c, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            c = self.shared.wait(c, Some(left));
         }
         Ok(true)
     }
@@ -394,7 +429,7 @@ impl VcpuHandle {
             return Err(HandleError::Gone);
         }
         c.pause = false;
-        self.shared.changed.notify_all();
+        self.shared.notify(&c);
         Ok(())
     }
 
@@ -409,12 +444,7 @@ impl VcpuHandle {
             if left.is_zero() {
                 return false;
             }
-            c = self
-                .shared
-                .changed
-                .wait_timeout(c, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            c = self.shared.wait(c, Some(left));
         }
         c.state == state
     }
