@@ -15,25 +15,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmkit_devices::{BusDevice, DeviceError, IoAction, IoBus};
-use vmkit_memory::vm_memory::{Bytes, GuestAddress};
-use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
+use vmkit_memory::GuestMemoryMmap;
 use vmkit_vcpu::{BootConfig, CpuMode, StopReason, Vcpu, Vm, VmConfig};
 
-const ENTRY: u64 = 0x1000;
+mod common;
+use common::{kvm_or_skip, median, raw_vm, ENTRY};
+
 /// again: out 0x80, al; dec ecx (0x66 prefix: 32-bit in real mode); jnz again; hlt
 const GUEST: [u8; 8] = [0xe6, 0x80, 0x66, 0x49, 0x75, 0xfa, 0xf4, 0x90];
 const EXITS_PER_ROUND: u64 = 2000;
 
 fn memory() -> GuestMemoryMmap {
-    let memory = MemoryLayout::new(1 << 20)
-        .unwrap()
-        .create_memory(&Default::default())
-        .unwrap();
-    memory.write_slice(&GUEST, GuestAddress(ENTRY)).unwrap();
-    memory
+    common::memory(&GUEST)
 }
 
 /// A device that only counts writes: the least a device can do.
@@ -91,34 +86,18 @@ impl VmkitSide {
 }
 
 struct RawSide {
-    _memory: GuestMemoryMmap,
-    // Dropped before `_memory`.
+    // Fields drop in order: both fds close before `_memory` is unmapped.
     vcpu: VcpuFd,
     _vm: VmFd,
+    _memory: GuestMemoryMmap,
 }
 
 impl RawSide {
     fn new() -> Self {
         let memory = memory();
-        let kvm = Kvm::new().unwrap();
-        let vm = kvm.create_vm().unwrap();
-        vm.set_tss_address(0xfffb_d000).unwrap();
-        let host = vmkit_memory::layout::kvm_slots(&memory, 0, Default::default())[0];
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: host.guest_phys_addr,
-            memory_size: host.memory_size,
-            userspace_addr: host.userspace_addr,
-        };
-        // SAFETY: the region is `memory`'s live mapping, which RawSide keeps
-        // until after the VM and vCPU fds are closed (field order).
-        unsafe { vm.set_user_memory_region(region) }.unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
+        // SAFETY: RawSide keeps `memory` until after the VM and vCPU fds
+        // are closed (field order).
+        let (vm, vcpu) = unsafe { raw_vm(&memory, false) };
         RawSide {
             _memory: memory,
             vcpu,
@@ -147,23 +126,6 @@ impl RawSide {
     }
 }
 
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) if std::env::var("VMKIT_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("VMKIT_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED exit_roundtrip: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
-
 fn bench(c: &mut Criterion) {
     let mut vmkit = VmkitSide::new();
     let mut raw = RawSide::new();
@@ -178,11 +140,6 @@ fn bench(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn compare() {
     let rounds: usize = std::env::var("VMKIT_BENCH_ROUNDS")
@@ -215,7 +172,7 @@ fn compare() {
 }
 
 fn main() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("exit_roundtrip") {
         return;
     }
     let quick = std::env::var("VMKIT_BENCH_COMPARE_ONLY").as_deref() == Ok("1");

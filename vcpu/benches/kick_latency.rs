@@ -21,26 +21,20 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::Kvm;
 use vmkit_devices::IoBus;
-use vmkit_memory::vm_memory::{Bytes, GuestAddress};
-use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
+use vmkit_memory::GuestMemoryMmap;
 use vmkit_vcpu::{BootConfig, CpuMode, StopReason, Vm, VmConfig};
 
-const ENTRY: u64 = 0x1000;
+mod common;
+use common::{kvm_or_skip, median, raw_vm, ENTRY};
+
 /// again: cli; hlt; jmp again
 const GUEST: [u8; 4] = [0xfa, 0xf4, 0xeb, 0xfc];
 /// Time for a vCPU to get back into the guest between samples.
 const SETTLE: Duration = Duration::from_micros(300);
 
 fn memory() -> GuestMemoryMmap {
-    let memory = MemoryLayout::new(1 << 20)
-        .unwrap()
-        .create_memory(&Default::default())
-        .unwrap();
-    memory.write_slice(&GUEST, GuestAddress(ENTRY)).unwrap();
-    memory
+    common::memory(&GUEST)
 }
 
 struct Side {
@@ -106,30 +100,9 @@ fn vmkit_side() -> Side {
 fn raw_side() -> Side {
     let signal = vmkit_vcpu::handle::kick_signal().unwrap();
     let memory = memory();
-    let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    vm.create_irq_chip().unwrap();
-    let host = vmkit_memory::layout::kvm_slots(&memory, 0, Default::default())[0];
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: host.guest_phys_addr,
-        memory_size: host.memory_size,
-        userspace_addr: host.userspace_addr,
-    };
-    // SAFETY: the region is `memory`'s live mapping; the vCPU thread owns
-    // `memory` and drops it only after the vCPU and VM fds.
-    unsafe { vm.set_user_memory_region(region) }.unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = ENTRY;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
+    // SAFETY: the vCPU thread owns `memory` and drops it only after the
+    // vCPU and VM fds.
+    let (vm, mut vcpu) = unsafe { raw_vm(&memory, true) };
     let done = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
     let d = done.clone();
@@ -169,30 +142,8 @@ fn raw_side() -> Side {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn kvm_or_skip() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) if std::env::var("VMKIT_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("VMKIT_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED kick_latency: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
-
 fn main() {
-    if !kvm_or_skip() {
+    if !kvm_or_skip("kick_latency") {
         return;
     }
     let samples: usize = std::env::var("VMKIT_BENCH_SAMPLES")

@@ -434,12 +434,7 @@ impl Vcpu {
         }
         self.set_cpuid(cpuid)?;
         self.set_boot_msrs()?;
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))
+        self.set_boot_fpu()
     }
 
     /// Sets CPUID, MSRs, FPU, segment/control registers and general
@@ -452,12 +447,7 @@ impl Vcpu {
         if self.has_lapic {
             self.set_local_interrupts()?;
         }
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))?;
+        self.set_boot_fpu()?;
         let mut sregs = self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         let mut rip = boot.entry;
         match boot.mode {
@@ -530,6 +520,16 @@ impl Vcpu {
             },
         );
         self.fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+    }
+
+    /// The x87/SSE state at reset: FCW 0x37F, MXCSR 0x1F80.
+    fn set_boot_fpu(&self) -> Result<(), VcpuError> {
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(ioctl("KVM_SET_FPU"))
     }
 
     /// The MSRs every boot sets: SYSENTER and SYSCALL MSRs cleared, fast

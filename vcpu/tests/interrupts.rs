@@ -57,8 +57,6 @@ fn main_program(
     expected: u32,
 ) -> impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError> {
     move |a| {
-        let mut wait = a.create_label();
-        let mut done = a.create_label();
         let mut settle = a.create_label();
         a.mov(al, 0xFFu32)?;
         a.out(0x21u32, al)?;
@@ -80,15 +78,7 @@ fn main_program(
         }
         a.mov(dx, u32::from(READY_PORT))?;
         a.out(dx, al)?;
-        a.set_label(&mut wait)?;
-        a.cli()?;
-        a.cmp(dword_ptr(COUNT), expected)?;
-        a.jae(done)?;
-        // STI's interrupt shadow covers HLT: no wake-up is lost in between.
-        a.sti()?;
-        a.hlt()?;
-        a.jmp(wait)?;
-        a.set_label(&mut done)?;
+        hlt_until(a, COUNT, expected)?;
         a.sti()?;
         a.mov(ecx, 3000u32)?;
         a.set_label(&mut settle)?;
@@ -239,15 +229,7 @@ fn msi_vectors_reach_their_handlers_and_withdrawn_ones_do_not() {
             }),
         )
         .unwrap();
-    let reports = Arc::new(Mutex::new(Vec::new()));
-    let r = reports.clone();
-    bus.pio
-        .insert(
-            u64::from(REPORT_PORT),
-            4,
-            Hook::new(move |v| r.lock().unwrap().push(v)),
-        )
-        .unwrap();
+    let reports = recording_port(&bus, REPORT_PORT);
     assert_eq!(exit_code(vcpu.run(&bus).unwrap()), 2);
     let mut seen = reports.lock().unwrap().clone();
     seen.sort_unstable();
@@ -330,18 +312,6 @@ fn the_uart_interrupts_the_guest_through_an_irqfd_line() {
     require_kvm!();
     let _dog = watchdog("uart irq", Duration::from_secs(20));
     const VECTOR: u8 = 0x24;
-    let wait_for = |a: &mut CodeAssembler, n: u32| -> Result<(), IcedError> {
-        let mut wait = a.create_label();
-        let mut done = a.create_label();
-        a.set_label(&mut wait)?;
-        a.cli()?;
-        a.cmp(dword_ptr(COUNT), n)?;
-        a.jae(done)?;
-        a.sti()?;
-        a.hlt()?;
-        a.jmp(wait)?;
-        a.set_label(&mut done)
-    };
     let code = assemble(64, |a| {
         a.mov(al, 0xFFu32)?;
         a.out(0x21u32, al)?;
@@ -358,10 +328,10 @@ fn the_uart_interrupts_the_guest_through_an_irqfd_line() {
         a.mov(dx, 0x3F9u32)?;
         a.mov(al, 0x03u32)?;
         a.out(dx, al)?;
-        wait_for(a, 1)?;
+        hlt_until(a, COUNT, 1)?;
         a.mov(dx, u32::from(READY_PORT))?;
         a.out(dx, al)?;
-        wait_for(a, 2)?;
+        hlt_until(a, COUNT, 2)?;
         a.mov(eax, dword_ptr(COUNT))?;
         a.out(EXIT_PORT as u32, al)
     });
@@ -414,15 +384,7 @@ fn the_uart_interrupts_the_guest_through_an_irqfd_line() {
             Hook::new(move |_| assert_eq!(s.push_input(b"Z"), 1)),
         )
         .unwrap();
-    let reports = Arc::new(Mutex::new(Vec::new()));
-    let r = reports.clone();
-    bus.pio
-        .insert(
-            u64::from(REPORT_PORT),
-            4,
-            Hook::new(move |v| r.lock().unwrap().push(v)),
-        )
-        .unwrap();
+    let reports = recording_port(&bus, REPORT_PORT);
     assert_eq!(exit_code(vcpu.run(&bus).unwrap()), 2);
     // IIR 0x02: THR empty; IIR 0x04: received data, then the byte.
     assert_eq!(*reports.lock().unwrap(), vec![0x02, 0x04, u64::from(b'Z')]);

@@ -350,8 +350,6 @@ fn msix_vector_is_held_pending_while_masked_and_delivered_on_unmask() {
         .unwrap();
 
     let code = assemble(64, |a| {
-        let mut wait = a.create_label();
-        let mut done = a.create_label();
         a.lidt(ptr(idtr))?;
         a.mov(ebx, 0xFEE0_0000u32)?;
         a.mov(dword_ptr(rbx + 0xF0), 0x1FFu32)?;
@@ -373,14 +371,7 @@ fn msix_vector_is_held_pending_while_masked_and_delivered_on_unmask() {
         report(a)?;
         a.sti()?;
         a.mov(dword_ptr(rbx + 12), 0u32)?;
-        a.set_label(&mut wait)?;
-        a.cli()?;
-        a.cmp(dword_ptr(count), 1u32)?;
-        a.jae(done)?;
-        a.sti()?;
-        a.hlt()?;
-        a.jmp(wait)?;
-        a.set_label(&mut done)?;
+        hlt_until(a, count, 1)?;
         // The PBA after delivery.
         a.mov(eax, dword_ptr(rbx + 0x800))?;
         report(a)?;

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use iced_x86::code_asm::*;
-use vmkit_memory::pagetable::{build_identity_map, LeafSize};
 use vmkit_memory::vm_memory::{Bytes, GuestAddress};
-use vmkit_memory::MemoryLayout;
 use vmkit_vcpu::{
     pause_all, resume_all, BootConfig, CpuMode, CpuidConfig, StopReason, VcpuState, Vm, VmConfig,
 };
@@ -80,22 +78,10 @@ fn wait_until(what: &str, limit: Duration, cond: impl Fn() -> bool) {
 fn bsp_starts_aps_with_init_sipi_and_all_pause_and_resume_together() {
     require_kvm!();
     let _dog = watchdog("smp", Duration::from_secs(60));
-    let memory = MemoryLayout::new(RAM)
-        .unwrap()
-        .create_memory(&Default::default())
-        .unwrap();
-    memory.write_slice(&bsp_code(), GuestAddress(CODE)).unwrap();
+    let (memory, page_root) = identity_mapped_memory(&bsp_code());
     memory
         .write_slice(&ap_code(), GuestAddress(TRAMPOLINE))
         .unwrap();
-    let map = build_identity_map(
-        &memory,
-        GuestAddress(PAGE_TABLES),
-        0x6000,
-        4 << 30,
-        LeafSize::Size2M,
-    )
-    .unwrap();
     let vm = Vm::new(
         memory,
         VmConfig {
@@ -114,7 +100,7 @@ fn bsp_starts_aps_with_init_sipi_and_all_pause_and_resume_together() {
         if id == 0 {
             let mode = CpuMode::Long {
                 gdt: GDT,
-                cr3: map.cr3,
+                cr3: page_root,
             };
             vcpu.configure(&BootConfig {
                 cpuid,

@@ -65,29 +65,31 @@ pub fn boot(bitness: u32, code: &[u8]) -> (Vm, Vcpu) {
     boot_with(bitness, code, VmConfig::default())
 }
 
-pub fn boot_with(bitness: u32, code: &[u8], config: VmConfig) -> (Vm, Vcpu) {
+/// `RAM` bytes of guest memory with `code` at `CODE` and the low 4 GiB
+/// identity-mapped by 2 MiB pages at `PAGE_TABLES`; returns CR3 too.
+pub fn identity_mapped_memory(code: &[u8]) -> (vmkit_memory::GuestMemoryMmap, u64) {
     let memory = MemoryLayout::new(RAM)
         .unwrap()
         .create_memory(&Default::default())
         .unwrap();
     memory.write_slice(code, GuestAddress(CODE)).unwrap();
+    let map = build_identity_map(
+        &memory,
+        GuestAddress(PAGE_TABLES),
+        0x6000,
+        4 << 30,
+        LeafSize::Size2M,
+    )
+    .unwrap();
+    (memory, map.cr3)
+}
+
+pub fn boot_with(bitness: u32, code: &[u8], config: VmConfig) -> (Vm, Vcpu) {
+    let (memory, cr3) = identity_mapped_memory(code);
     let mode = match bitness {
         16 => CpuMode::Real,
         32 => CpuMode::Protected { gdt: GDT },
-        64 => {
-            let map = build_identity_map(
-                &memory,
-                GuestAddress(PAGE_TABLES),
-                0x6000,
-                4 << 30,
-                LeafSize::Size2M,
-            )
-            .unwrap();
-            CpuMode::Long {
-                gdt: GDT,
-                cr3: map.cr3,
-            }
-        }
+        64 => CpuMode::Long { gdt: GDT, cr3 },
         _ => panic!("no such mode"),
     };
     let vm = Vm::new(memory, config).unwrap();
@@ -226,4 +228,35 @@ pub fn install_handler(
         .unwrap();
     memory.write_obj(0xFFFu16, GuestAddress(idtr)).unwrap();
     memory.write_obj(idt, GuestAddress(idtr + 2)).unwrap();
+}
+
+/// A port device at `port` (4 bytes) that records every value written.
+pub fn recording_port(bus: &IoBus, port: u16) -> Arc<Mutex<Vec<u64>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    bus.pio
+        .insert(
+            u64::from(port),
+            4,
+            Hook::new(move |v| s.lock().unwrap().push(v)),
+        )
+        .unwrap();
+    seen
+}
+
+/// Emits a wait until the dword at `count` reaches `n`, halting between
+/// checks. `sti; hlt`: STI's interrupt shadow covers HLT, so no wake-up is
+/// lost in between. Leaves interrupts disabled.
+pub fn hlt_until(a: &mut CodeAssembler, count: u64, n: u32) -> Result<(), IcedError> {
+    use iced_x86::code_asm::dword_ptr;
+    let mut wait = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut wait)?;
+    a.cli()?;
+    a.cmp(dword_ptr(count), n)?;
+    a.jae(done)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(wait)?;
+    a.set_label(&mut done)
 }
