@@ -1,0 +1,714 @@
+//! A driver-side model of virtio: sets up rings in guest memory and drives
+//! a transport through its registers, the way a guest driver does.
+//!
+//! It exists to test devices and transports without a guest: [`Driver`]
+//! negotiates features, lays out split or packed rings, submits descriptor
+//! chains (direct or through an indirect table), notifies, and polls the
+//! used ring. [`DriverTransport`] hides the transport's register interface
+//! ([`MmioDriver`] for virtio-mmio). Tests that play a hostile driver write
+//! raw descriptors with [`Driver::write_split_desc`] /
+//! [`Driver::write_packed_desc`] and publish them with
+//! [`Driver::publish_split`].
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_mmio::*;
+use vm_memory::{Bytes, GuestAddress};
+use vmkit_devices::BusDevice;
+use vmkit_memory::GuestMemoryMmap;
+
+use crate::queue::RingFormat;
+use crate::transport::MmioTransport;
+use crate::{features, status};
+
+/// Errors of the driver model.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// A register access failed.
+    #[error("register access at {offset:#x}: {reason}")]
+    Register {
+        /// Register offset.
+        offset: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// The device did not accept the features.
+    #[error("device refused features {0:#x}")]
+    FeaturesRefused(u64),
+    /// Guest memory access failed.
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    /// No free descriptors.
+    #[error("queue {0} is full")]
+    Full(u16),
+    /// The queue does not exist or was not set up.
+    #[error("no queue {0}")]
+    NoQueue(u16),
+    /// Nothing came back in time.
+    #[error("queue {0}: no used buffer within the timeout")]
+    Timeout(u16),
+    /// The device set DEVICE_NEEDS_RESET.
+    #[error("device needs reset")]
+    NeedsReset,
+}
+
+/// The register-level operations a driver needs from a transport.
+pub trait DriverTransport {
+    /// Reads the device status.
+    fn status(&self) -> Result<u32, DriverError>;
+    /// Writes the device status (0 resets).
+    fn set_status(&self, v: u32) -> Result<(), DriverError>;
+    /// The device's 64 feature bits.
+    fn device_features(&self) -> Result<u64, DriverError>;
+    /// Writes the driver's 64 feature bits.
+    fn set_driver_features(&self, f: u64) -> Result<(), DriverError>;
+    /// Number of queues (the first index whose maximum size is 0).
+    fn num_queues(&self) -> Result<u16, DriverError>;
+    /// Maximum size of queue `q`.
+    fn queue_max(&self, q: u16) -> Result<u16, DriverError>;
+    /// Programs queue `q` and enables it.
+    fn setup_queue(
+        &self,
+        q: u16,
+        size: u16,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    ) -> Result<(), DriverError>;
+    /// Notifies queue `q`.
+    fn notify(&self, q: u16) -> Result<(), DriverError>;
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DriverError>;
+    /// Reads and acknowledges the interrupt status (bit 0 used buffer,
+    /// bit 1 configuration change).
+    fn take_interrupt(&self) -> Result<u32, DriverError>;
+    /// Reads the configuration generation.
+    fn config_generation(&self) -> Result<u32, DriverError>;
+}
+
+/// [`DriverTransport`] over a virtio-mmio register window.
+#[derive(Debug, Clone)]
+pub struct MmioDriver {
+    dev: Arc<dyn BusDeviceDebug>,
+}
+
+/// A bus device that can be printed (for the driver model's `Debug`).
+pub trait BusDeviceDebug: BusDevice + std::fmt::Debug {}
+impl<T: BusDevice + std::fmt::Debug> BusDeviceDebug for T {}
+
+impl MmioDriver {
+    /// Drives `transport` directly through its `BusDevice` methods.
+    pub fn new(transport: Arc<MmioTransport>) -> Self {
+        Self { dev: transport }
+    }
+
+    /// Drives any virtio-mmio register window (e.g. one reached through a
+    /// bus at a base address).
+    pub fn with_device(dev: Arc<dyn BusDeviceDebug>) -> Self {
+        Self { dev }
+    }
+
+    fn r(&self, offset: u32) -> Result<u32, DriverError> {
+        let mut b = [0u8; 4];
+        self.dev
+            .read(u64::from(offset), &mut b)
+            .map_err(|e| DriverError::Register {
+                offset: offset.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn w(&self, offset: u32, v: u32) -> Result<(), DriverError> {
+        self.dev
+            .write(u64::from(offset), &v.to_le_bytes())
+            .map(|_| ())
+            .map_err(|e| DriverError::Register {
+                offset: offset.into(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl DriverTransport for MmioDriver {
+    fn status(&self) -> Result<u32, DriverError> {
+        self.r(VIRTIO_MMIO_STATUS)
+    }
+    fn set_status(&self, v: u32) -> Result<(), DriverError> {
+        self.w(VIRTIO_MMIO_STATUS, v)
+    }
+    fn device_features(&self) -> Result<u64, DriverError> {
+        self.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0)?;
+        let lo = self.r(VIRTIO_MMIO_DEVICE_FEATURES)?;
+        self.w(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1)?;
+        let hi = self.r(VIRTIO_MMIO_DEVICE_FEATURES)?;
+        Ok(u64::from(lo) | (u64::from(hi) << 32))
+    }
+    fn set_driver_features(&self, f: u64) -> Result<(), DriverError> {
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0)?;
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES, f as u32)?;
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1)?;
+        self.w(VIRTIO_MMIO_DRIVER_FEATURES, (f >> 32) as u32)
+    }
+    fn num_queues(&self) -> Result<u16, DriverError> {
+        for q in 0..u16::MAX {
+            if self.queue_max(q)? == 0 {
+                return Ok(q);
+            }
+        }
+        Ok(u16::MAX)
+    }
+    fn queue_max(&self, q: u16) -> Result<u16, DriverError> {
+        self.w(VIRTIO_MMIO_QUEUE_SEL, q.into())?;
+        Ok(self.r(VIRTIO_MMIO_QUEUE_NUM_MAX)? as u16)
+    }
+    fn setup_queue(
+        &self,
+        q: u16,
+        size: u16,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    ) -> Result<(), DriverError> {
+        self.w(VIRTIO_MMIO_QUEUE_SEL, q.into())?;
+        self.w(VIRTIO_MMIO_QUEUE_NUM, size.into())?;
+        self.w(VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32)?;
+        self.w(VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc >> 32) as u32)?;
+        self.w(VIRTIO_MMIO_QUEUE_AVAIL_LOW, driver as u32)?;
+        self.w(VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (driver >> 32) as u32)?;
+        self.w(VIRTIO_MMIO_QUEUE_USED_LOW, device as u32)?;
+        self.w(VIRTIO_MMIO_QUEUE_USED_HIGH, (device >> 32) as u32)?;
+        self.w(VIRTIO_MMIO_QUEUE_READY, 1)
+    }
+    fn notify(&self, q: u16) -> Result<(), DriverError> {
+        self.w(VIRTIO_MMIO_QUEUE_NOTIFY, q.into())
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DriverError> {
+        self.dev
+            .read(u64::from(VIRTIO_MMIO_CONFIG) + offset, data)
+            .map_err(|e| DriverError::Register {
+                offset,
+                reason: e.to_string(),
+            })
+    }
+    fn take_interrupt(&self) -> Result<u32, DriverError> {
+        let isr = self.r(VIRTIO_MMIO_INTERRUPT_STATUS)?;
+        self.w(VIRTIO_MMIO_INTERRUPT_ACK, isr)?;
+        Ok(isr)
+    }
+    fn config_generation(&self) -> Result<u32, DriverError> {
+        self.r(VIRTIO_MMIO_CONFIG_GENERATION)
+    }
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+const F_AVAIL: u16 = 1 << 7;
+const F_USED: u16 = 1 << 15;
+
+/// Driver-side state of one queue.
+#[derive(Debug)]
+struct DriverQueue {
+    format: RingFormat,
+    size: u16,
+    desc: u64,
+    driver: u64,
+    device: u64,
+    /// Split: free descriptor indices; packed: free buffer IDs.
+    free: Vec<u16>,
+    /// Split: descriptors of each in-flight head; packed: ring slots of
+    /// each in-flight buffer ID.
+    inflight: HashMap<u16, Vec<u16>>,
+    /// Split: our avail idx; packed: next ring slot.
+    next_avail: u16,
+    avail_wrap: bool,
+    /// Split: last used idx seen; packed: next used slot.
+    last_used: u16,
+    used_wrap: bool,
+    /// Packed: ring slots still in use (a slot is freed when its buffer is
+    /// used).
+    slots_in_use: u16,
+}
+
+/// A virtio driver model over a [`DriverTransport`].
+#[derive(Debug)]
+pub struct Driver<T> {
+    transport: T,
+    mem: GuestMemoryMmap,
+    alloc_next: u64,
+    queues: Vec<Option<DriverQueue>>,
+    features: u64,
+}
+
+/// A descriptor as hostile tests write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawDesc {
+    /// Buffer address.
+    pub addr: u64,
+    /// Buffer length.
+    pub len: u32,
+    /// Split: `next`; packed: buffer ID.
+    pub id_or_next: u16,
+    /// Flags (NEXT 1, WRITE 2, INDIRECT 4).
+    pub flags: u16,
+}
+
+/// Shorthand for a [`RawDesc`].
+pub fn raw(addr: u64, len: u32, flags: u16, id_or_next: u16) -> RawDesc {
+    RawDesc {
+        addr,
+        len,
+        id_or_next,
+        flags,
+    }
+}
+
+/// One buffer of a chain to submit: guest-physical address and length.
+pub type Buf = (u64, u32);
+
+impl<T: DriverTransport> Driver<T> {
+    /// A driver that allocates rings and buffers upward from `heap` in
+    /// `mem`.
+    pub fn new(transport: T, mem: GuestMemoryMmap, heap: u64) -> Self {
+        Self {
+            transport,
+            mem,
+            alloc_next: heap,
+            queues: Vec::new(),
+            features: 0,
+        }
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The negotiated features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Allocates `len` bytes (16-aligned) of guest memory, zeroed.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let at = (self.alloc_next + 15) & !15;
+        self.alloc_next = at + len.max(1);
+        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        // Allocation is a test convenience: a region outside memory shows
+        // up as a failed access later.
+        let _ = self.mem.write_slice(&zeros, GuestAddress(at));
+        at
+    }
+
+    /// Resets the device and runs the initialisation sequence (virtio 1.2,
+    /// 3.1.1): acknowledges it, accepts `VERSION_1`, the ring features it
+    /// offers, `RING_PACKED` for `format` and the device features in
+    /// `wanted`, sets up every queue at its maximum size (at most 256) and
+    /// sets DRIVER_OK. Returns the negotiated features.
+    pub fn negotiate(&mut self, format: RingFormat, wanted: u64) -> Result<u64, DriverError> {
+        self.negotiate_with(format, wanted, None)
+    }
+
+    /// Like [`Driver::negotiate`] with an explicit queue size.
+    pub fn negotiate_with(
+        &mut self,
+        format: RingFormat,
+        wanted: u64,
+        queue_size: Option<u16>,
+    ) -> Result<u64, DriverError> {
+        let t = &self.transport;
+        t.set_status(0)?;
+        t.set_status(status::ACKNOWLEDGE)?;
+        t.set_status(status::ACKNOWLEDGE | status::DRIVER)?;
+        let offered = t.device_features()?;
+        let mut want = wanted
+            | (1 << features::VERSION_1)
+            | (1 << features::RING_INDIRECT_DESC)
+            | (1 << features::RING_EVENT_IDX);
+        if format == RingFormat::Packed {
+            want |= 1 << features::RING_PACKED;
+        }
+        let f = offered & want;
+        if f & (1 << features::VERSION_1) == 0
+            || (format == RingFormat::Packed && f & (1 << features::RING_PACKED) == 0)
+        {
+            return Err(DriverError::FeaturesRefused(want));
+        }
+        t.set_driver_features(f)?;
+        t.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)?;
+        if t.status()? & status::FEATURES_OK == 0 {
+            return Err(DriverError::FeaturesRefused(f));
+        }
+        self.features = f;
+        let n = self.transport.num_queues()?;
+        self.queues.clear();
+        for q in 0..n {
+            let max = self.transport.queue_max(q)?;
+            let size = queue_size.unwrap_or(max.min(256)).min(max);
+            let qs = u64::from(size);
+            let (desc, driver, device) = match format {
+                RingFormat::Split => (
+                    self.alloc(16 * qs),
+                    self.alloc(6 + 2 * qs),
+                    self.alloc(6 + 8 * qs),
+                ),
+                RingFormat::Packed => (self.alloc(16 * qs), self.alloc(4), self.alloc(4)),
+            };
+            self.transport.setup_queue(q, size, desc, driver, device)?;
+            let free = match format {
+                RingFormat::Split => (0..size).rev().collect(),
+                RingFormat::Packed => (0..size).rev().collect(),
+            };
+            self.queues.push(Some(DriverQueue {
+                format,
+                size,
+                desc,
+                driver,
+                device,
+                free,
+                inflight: HashMap::new(),
+                next_avail: 0,
+                avail_wrap: true,
+                last_used: 0,
+                used_wrap: true,
+                slots_in_use: 0,
+            }));
+        }
+        self.transport.set_status(
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        )?;
+        if self.transport.status()? & status::DEVICE_NEEDS_RESET != 0 {
+            return Err(DriverError::NeedsReset);
+        }
+        Ok(f)
+    }
+
+    fn queue(&mut self, q: u16) -> Result<&mut DriverQueue, DriverError> {
+        self.queues
+            .get_mut(usize::from(q))
+            .and_then(Option::as_mut)
+            .ok_or(DriverError::NoQueue(q))
+    }
+
+    /// The ring addresses of queue `q`: descriptors, driver area, device
+    /// area.
+    pub fn ring_addresses(&self, q: u16) -> Option<(u64, u64, u64)> {
+        let dq = self.queues.get(usize::from(q))?.as_ref()?;
+        Some((dq.desc, dq.driver, dq.device))
+    }
+
+    /// Submits a chain of `readable` then `writable` buffers on queue `q`
+    /// as direct descriptors. Returns its head index / buffer ID.
+    pub fn submit(
+        &mut self,
+        q: u16,
+        readable: &[Buf],
+        writable: &[Buf],
+    ) -> Result<u16, DriverError> {
+        let descs: Vec<(u64, u32, u16)> = readable
+            .iter()
+            .map(|&(a, l)| (a, l, 0))
+            .chain(writable.iter().map(|&(a, l)| (a, l, F_WRITE)))
+            .collect();
+        let format = self.queue(q)?.format;
+        match format {
+            RingFormat::Split => self.submit_split(q, &descs),
+            RingFormat::Packed => self.submit_packed(q, &descs),
+        }
+    }
+
+    /// Submits a chain through one indirect descriptor table.
+    pub fn submit_indirect(
+        &mut self,
+        q: u16,
+        readable: &[Buf],
+        writable: &[Buf],
+    ) -> Result<u16, DriverError> {
+        let n = readable.len() + writable.len();
+        let table = self.alloc(16 * n as u64);
+        let format = self.queue(q)?.format;
+        for (i, (&(addr, len), flags)) in readable
+            .iter()
+            .map(|b| (b, 0u16))
+            .chain(writable.iter().map(|b| (b, F_WRITE)))
+            .enumerate()
+        {
+            let next = if format == RingFormat::Split && i + 1 < n {
+                F_NEXT
+            } else {
+                0
+            };
+            let at = table + 16 * i as u64;
+            match format {
+                RingFormat::Split => {
+                    write_split(&self.mem, at, addr, len, flags | next, (i + 1) as u16)?
+                }
+                RingFormat::Packed => write_packed(&self.mem, at, addr, len, 0, flags)?,
+            }
+        }
+        let entry = [(table, (16 * n) as u32, F_INDIRECT)];
+        match format {
+            RingFormat::Split => self.submit_split(q, &entry),
+            RingFormat::Packed => self.submit_packed(q, &entry),
+        }
+    }
+
+    fn submit_split(&mut self, q: u16, descs: &[(u64, u32, u16)]) -> Result<u16, DriverError> {
+        let mem = self.mem.clone();
+        let dq = self.queue(q)?;
+        if descs.is_empty() || dq.free.len() < descs.len() {
+            return Err(DriverError::Full(q));
+        }
+        let idx: Vec<u16> = (0..descs.len()).filter_map(|_| dq.free.pop()).collect();
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let (next, nf) = match idx.get(i + 1) {
+                Some(&n) => (n, F_NEXT),
+                None => (0, 0),
+            };
+            write_split(
+                &mem,
+                dq.desc + 16 * u64::from(idx[i]),
+                addr,
+                len,
+                flags | nf,
+                next,
+            )?;
+        }
+        let head = idx[0];
+        dq.inflight.insert(head, idx);
+        let slot = dq.driver + 4 + 2 * u64::from(dq.next_avail % dq.size);
+        mem.write_obj(head.to_le(), GuestAddress(slot))?;
+        dq.next_avail = dq.next_avail.wrapping_add(1);
+        mem.store(
+            dq.next_avail.to_le(),
+            GuestAddress(dq.driver + 2),
+            Ordering::Release,
+        )?;
+        Ok(head)
+    }
+
+    fn submit_packed(&mut self, q: u16, descs: &[(u64, u32, u16)]) -> Result<u16, DriverError> {
+        let mem = self.mem.clone();
+        let dq = self.queue(q)?;
+        let n = descs.len() as u16;
+        if descs.is_empty() || dq.size - dq.slots_in_use < n {
+            return Err(DriverError::Full(q));
+        }
+        let id = dq.free.pop().ok_or(DriverError::Full(q))?;
+        let mut slots = Vec::new();
+        let mut head_flags = 0;
+        let head = dq.next_avail;
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let slot = dq.next_avail;
+            let mut f = flags;
+            if i + 1 < descs.len() {
+                f |= F_NEXT;
+            }
+            f |= if dq.avail_wrap { F_AVAIL } else { F_USED };
+            let at = dq.desc + 16 * u64::from(slot);
+            if i == 0 {
+                head_flags = f;
+                write_packed(&mem, at, addr, len, id, 0)?;
+                // Make the head unavailable until the rest is written.
+                let unavailable = if dq.avail_wrap { F_USED } else { F_AVAIL };
+                mem.store(
+                    unavailable.to_le(),
+                    GuestAddress(at + 14),
+                    Ordering::Relaxed,
+                )?;
+            } else {
+                write_packed(&mem, at, addr, len, id, f)?;
+            }
+            slots.push(slot);
+            dq.next_avail += 1;
+            if dq.next_avail == dq.size {
+                dq.next_avail = 0;
+                dq.avail_wrap = !dq.avail_wrap;
+            }
+        }
+        dq.slots_in_use += n;
+        dq.inflight.insert(id, slots);
+        mem.store(
+            head_flags.to_le(),
+            GuestAddress(dq.desc + 16 * u64::from(head) + 14),
+            Ordering::Release,
+        )?;
+        Ok(id)
+    }
+
+    /// Notifies queue `q`.
+    pub fn notify(&self, q: u16) -> Result<(), DriverError> {
+        self.transport.notify(q)
+    }
+
+    /// Takes the next used buffer of queue `q`, if any: `(id, len)`.
+    pub fn used(&mut self, q: u16) -> Result<Option<(u16, u32)>, DriverError> {
+        let mem = self.mem.clone();
+        let dq = self.queue(q)?;
+        match dq.format {
+            RingFormat::Split => {
+                let idx: u16 = mem
+                    .load::<u16>(GuestAddress(dq.device + 2), Ordering::Acquire)?
+                    .to_le();
+                if idx == dq.last_used {
+                    return Ok(None);
+                }
+                let at = dq.device + 4 + 8 * u64::from(dq.last_used % dq.size);
+                let id: u32 = mem.read_obj(GuestAddress(at))?;
+                let len: u32 = mem.read_obj(GuestAddress(at + 4))?;
+                dq.last_used = dq.last_used.wrapping_add(1);
+                let id = u32::from_le(id) as u16;
+                if let Some(descs) = dq.inflight.remove(&id) {
+                    dq.free.extend(descs);
+                }
+                // Ask for an interrupt on every used buffer.
+                mem.write_obj(
+                    dq.last_used.to_le(),
+                    GuestAddress(dq.driver + 4 + 2 * u64::from(dq.size)),
+                )?;
+                Ok(Some((id, u32::from_le(len))))
+            }
+            RingFormat::Packed => {
+                let at = dq.desc + 16 * u64::from(dq.last_used);
+                let flags =
+                    u16::from_le(mem.load::<u16>(GuestAddress(at + 14), Ordering::Acquire)?);
+                let avail = flags & F_AVAIL != 0;
+                let used = flags & F_USED != 0;
+                if avail != dq.used_wrap || used != dq.used_wrap {
+                    return Ok(None);
+                }
+                let len = u32::from_le(mem.read_obj(GuestAddress(at + 8))?);
+                let id = u16::from_le(mem.read_obj(GuestAddress(at + 12))?);
+                let n = dq.inflight.remove(&id).map_or(1, |s| s.len() as u16);
+                dq.free.push(id);
+                dq.slots_in_use = dq.slots_in_use.saturating_sub(n);
+                let next = u32::from(dq.last_used) + u32::from(n);
+                if next >= u32::from(dq.size) {
+                    dq.last_used = (next - u32::from(dq.size)) as u16;
+                    dq.used_wrap = !dq.used_wrap;
+                } else {
+                    dq.last_used = next as u16;
+                }
+                Ok(Some((id, len)))
+            }
+        }
+    }
+
+    /// Polls queue `q` until a used buffer arrives or `timeout` passes.
+    /// Fails early when the device sets DEVICE_NEEDS_RESET.
+    pub fn wait_used(&mut self, q: u16, timeout: Duration) -> Result<(u16, u32), DriverError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(u) = self.used(q)? {
+                return Ok(u);
+            }
+            if self.transport.status()? & status::DEVICE_NEEDS_RESET != 0 {
+                return Err(DriverError::NeedsReset);
+            }
+            if Instant::now() > deadline {
+                return Err(DriverError::Timeout(q));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Writes split descriptor `index` of queue `q` verbatim (for hostile
+    /// chains); `desc.id_or_next` is the `next` field.
+    pub fn write_split_desc(
+        &mut self,
+        q: u16,
+        index: u16,
+        desc: RawDesc,
+    ) -> Result<(), DriverError> {
+        let mem = self.mem.clone();
+        let dq = self.queue(q)?;
+        let at = dq.desc + 16 * u64::from(index);
+        write_split(&mem, at, desc.addr, desc.len, desc.flags, desc.id_or_next)
+    }
+
+    /// Puts `head` in the split available ring of queue `q` (no checks).
+    pub fn publish_split(&mut self, q: u16, head: u16) -> Result<(), DriverError> {
+        let mem = self.mem.clone();
+        let dq = self.queue(q)?;
+        let slot = dq.driver + 4 + 2 * u64::from(dq.next_avail % dq.size);
+        mem.write_obj(head.to_le(), GuestAddress(slot))?;
+        dq.next_avail = dq.next_avail.wrapping_add(1);
+        mem.store(
+            dq.next_avail.to_le(),
+            GuestAddress(dq.driver + 2),
+            Ordering::Release,
+        )?;
+        Ok(())
+    }
+
+    /// Writes packed descriptor slot `index` of queue `q` verbatim, with
+    /// the AVAIL/USED bits for the driver's current wrap counter added to
+    /// `desc.flags` when `available` (for hostile chains);
+    /// `desc.id_or_next` is the buffer ID.
+    pub fn write_packed_desc(
+        &mut self,
+        q: u16,
+        index: u16,
+        desc: RawDesc,
+        available: bool,
+    ) -> Result<(), DriverError> {
+        let mem = self.mem.clone();
+        let dq = self.queue(q)?;
+        let mut f = desc.flags & !(F_AVAIL | F_USED);
+        if available {
+            f |= if dq.avail_wrap { F_AVAIL } else { F_USED };
+        }
+        let at = dq.desc + 16 * u64::from(index);
+        write_packed(&mem, at, desc.addr, desc.len, desc.id_or_next, f)
+    }
+
+    /// Reads the device configuration space.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DriverError> {
+        self.transport.read_config(offset, data)
+    }
+}
+
+fn write_split(
+    mem: &GuestMemoryMmap,
+    at: u64,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) -> Result<(), DriverError> {
+    // struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; }
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..12].copy_from_slice(&len.to_le_bytes());
+    b[12..14].copy_from_slice(&flags.to_le_bytes());
+    b[14..16].copy_from_slice(&next.to_le_bytes());
+    mem.write_slice(&b, GuestAddress(at))?;
+    Ok(())
+}
+
+fn write_packed(
+    mem: &GuestMemoryMmap,
+    at: u64,
+    addr: u64,
+    len: u32,
+    id: u16,
+    flags: u16,
+) -> Result<(), DriverError> {
+    // struct pvirtq_desc { le64 addr; le32 len; le16 id; le16 flags; }
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..12].copy_from_slice(&len.to_le_bytes());
+    b[12..14].copy_from_slice(&id.to_le_bytes());
+    b[14..16].copy_from_slice(&flags.to_le_bytes());
+    mem.write_slice(&b, GuestAddress(at))?;
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! Virtqueues in both ring formats behind one device-side interface.
+//!
+//! A transport collects what the driver programs into a [`QueueConfig`]
+//! (size, ready bit, the three ring addresses). When the driver sets
+//! DRIVER_OK, [`Queue::new`] checks that configuration against guest memory
+//! and the negotiated ring format and returns a [`Queue`] that a device
+//! pops chains from and returns them to:
+//!
+//! - **split** rings (virtio 1.2, 2.7) are rust-vmm's `virtio-queue`
+//!   implementation, wrapped so that a broken chain becomes a typed error
+//!   instead of a silently shortened one;
+//! - **packed** rings (virtio 1.2, 2.8, `VIRTIO_F_RING_PACKED`) are
+//!   implemented here, with indirect descriptors and event suppression.
+//!
+//! Both formats support indirect descriptors and `VIRTIO_F_EVENT_IDX`
+//! notification suppression in both directions.
+
+mod chain;
+mod packed;
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmkit_memory::GuestMemoryMmap;
+
+pub use chain::{ChainReader, ChainToken, ChainWriter, DescChain, Descriptor};
+use packed::PackedRing;
+
+/// Largest queue size virtio allows (2^15).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Ring layout of a queue, fixed for all queues of a device by the
+/// negotiated `VIRTIO_F_RING_PACKED` bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingFormat {
+    /// Descriptor table, available ring and used ring.
+    Split,
+    /// One descriptor ring plus two event-suppression structures.
+    Packed,
+}
+
+/// Errors of the ring layer. Each one means the driver broke the ring
+/// protocol; the device stops using the queue and asks for a reset
+/// (DEVICE_NEEDS_RESET).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The queue configuration cannot be used.
+    #[error("queue {queue}: invalid configuration: {reason}")]
+    InvalidConfig {
+        /// Queue index.
+        queue: u16,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The available index (split) claims more chains than the queue holds,
+    /// or the ring could not be read.
+    #[error("queue {queue}: available ring unusable: {source}")]
+    Ring {
+        /// Queue index.
+        queue: u16,
+        /// The `virtio-queue` error.
+        source: virtio_queue::Error,
+    },
+    /// A chain loops, names a descriptor outside the table, nests indirect
+    /// tables, or a descriptor could not be read from guest memory.
+    #[error("queue {queue}: malformed descriptor chain at {head}: {reason}")]
+    BrokenChain {
+        /// Queue index.
+        queue: u16,
+        /// Head index (split) or ring position (packed).
+        head: u16,
+        /// What was found.
+        reason: &'static str,
+    },
+    /// A chain has more descriptors than the queue size allows.
+    #[error("queue {queue}: descriptor chain at {head} longer than {max} descriptors")]
+    ChainTooLong {
+        /// Queue index.
+        queue: u16,
+        /// Head index or ring position.
+        head: u16,
+        /// The limit.
+        max: u16,
+    },
+    /// The buffers of a chain add up to more than 2^32 - 1 bytes.
+    #[error("queue {queue}: descriptor chain at {head} longer than 4 GiB")]
+    ChainTooBig {
+        /// Queue index.
+        queue: u16,
+        /// Head index or ring position.
+        head: u16,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error(
+        "queue {queue}: descriptor chain at {head} has a readable buffer after a writable one"
+    )]
+    ReadAfterWrite {
+        /// Queue index.
+        queue: u16,
+        /// Head index or ring position.
+        head: u16,
+    },
+    /// Writing the used ring (or reading an event-suppression field) failed.
+    #[error("queue {queue}: ring memory not accessible: {source}")]
+    Memory {
+        /// Queue index.
+        queue: u16,
+        /// The vm-memory error.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// `add_used` got a token no chain of this queue carries.
+    #[error("queue {queue}: used token {id} out of range")]
+    BadToken {
+        /// Queue index.
+        queue: u16,
+        /// The token's ID.
+        id: u16,
+    },
+}
+
+/// What a driver programs into one queue through the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Largest size the device accepts.
+    pub max_size: u16,
+    /// Size the driver chose (defaults to `max_size`).
+    pub size: u16,
+    /// The driver enabled the queue.
+    pub ready: bool,
+    /// Descriptor table (split) or descriptor ring (packed).
+    pub desc: u64,
+    /// Available ring (split) or driver event-suppression area (packed).
+    pub driver: u64,
+    /// Used ring (split) or device event-suppression area (packed).
+    pub device: u64,
+}
+
+impl QueueConfig {
+    /// A queue in its reset state.
+    pub fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            ready: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+
+    /// Back to the reset state.
+    pub fn reset(&mut self) {
+        *self = Self::new(self.max_size);
+    }
+}
+
+#[derive(Debug)]
+enum Ring {
+    Split {
+        queue: virtio_queue::Queue,
+        avail: GuestAddress,
+    },
+    Packed(PackedRing),
+}
+
+/// An active queue, as a device uses it.
+#[derive(Debug)]
+pub struct Queue {
+    index: u16,
+    size: u16,
+    event_idx: bool,
+    ring: Ring,
+}
+
+fn check_range(mem: &GuestMemoryMmap, addr: u64, len: u64, align: u64) -> Result<(), String> {
+    if addr % align != 0 {
+        return Err(format!("address {addr:#x} not {align}-byte aligned"));
+    }
+    let len = usize::try_from(len).map_err(|_| "ring too large".to_string())?;
+    if !mem.check_range(GuestAddress(addr), len) {
+        return Err(format!(
+            "ring at {addr:#x}, {len} bytes, is not inside guest memory"
+        ));
+    }
+    Ok(())
+}
+
+impl Queue {
+    /// Checks `config` and makes a queue of it.
+    ///
+    /// `index` is only used in error messages. `event_idx` is the
+    /// negotiated `VIRTIO_F_EVENT_IDX`.
+    pub fn new(
+        index: u16,
+        config: &QueueConfig,
+        format: RingFormat,
+        event_idx: bool,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, QueueError> {
+        let invalid = |reason: String| QueueError::InvalidConfig {
+            queue: index,
+            reason,
+        };
+        if !config.ready {
+            return Err(invalid("not ready".into()));
+        }
+        let size = config.size;
+        if size == 0 || size > config.max_size || size > MAX_QUEUE_SIZE {
+            return Err(invalid(format!(
+                "size {size} outside 1..={}",
+                config.max_size.min(MAX_QUEUE_SIZE)
+            )));
+        }
+        let n = u64::from(size);
+        let ring = match format {
+            RingFormat::Split => {
+                if !size.is_power_of_two() {
+                    return Err(invalid(format!(
+                        "split ring size {size} not a power of two"
+                    )));
+                }
+                // virtio 1.2, 2.7: descriptor table 16-aligned, available
+                // ring 2-aligned, used ring 4-aligned; sizes include the
+                // event fields.
+                check_range(mem, config.desc, 16 * n, 16).map_err(&invalid)?;
+                check_range(mem, config.driver, 6 + 2 * n, 2).map_err(&invalid)?;
+                check_range(mem, config.device, 6 + 8 * n, 4).map_err(&invalid)?;
+                let mut q = virtio_queue::Queue::new(config.max_size)
+                    .map_err(|e| invalid(format!("max size {}: {e}", config.max_size)))?;
+                q.try_set_size(size)
+                    .map_err(|e| invalid(format!("size {size}: {e}")))?;
+                q.try_set_desc_table_address(GuestAddress(config.desc))
+                    .map_err(|e| invalid(format!("descriptor table: {e}")))?;
+                q.try_set_avail_ring_address(GuestAddress(config.driver))
+                    .map_err(|e| invalid(format!("available ring: {e}")))?;
+                q.try_set_used_ring_address(GuestAddress(config.device))
+                    .map_err(|e| invalid(format!("used ring: {e}")))?;
+                q.set_event_idx(event_idx);
+                q.set_ready(true);
+                Ring::Split {
+                    queue: q,
+                    avail: GuestAddress(config.driver),
+                }
+            }
+            RingFormat::Packed => {
+                // virtio 1.2, 2.8.10: ring 16-aligned, event structures
+                // 4-aligned and 4 bytes each.
+                check_range(mem, config.desc, 16 * n, 16).map_err(&invalid)?;
+                check_range(mem, config.driver, 4, 4).map_err(&invalid)?;
+                check_range(mem, config.device, 4, 4).map_err(&invalid)?;
+                Ring::Packed(PackedRing::new(
+                    size,
+                    GuestAddress(config.desc),
+                    GuestAddress(config.driver),
+                    GuestAddress(config.device),
+                    event_idx,
+                ))
+            }
+        };
+        Ok(Self {
+            index,
+            size,
+            event_idx,
+            ring,
+        })
+    }
+
+    /// The queue's index on its device.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The negotiated queue size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The ring format.
+    pub fn format(&self) -> RingFormat {
+        match self.ring {
+            Ring::Split { .. } => RingFormat::Split,
+            Ring::Packed(_) => RingFormat::Packed,
+        }
+    }
+
+    /// Whether `VIRTIO_F_EVENT_IDX` is in use.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
+    /// Takes the next available chain, `Ok(None)` when there is none.
+    pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>, QueueError> {
+        let index = self.index;
+        let size = self.size;
+        match &mut self.ring {
+            Ring::Split { queue, .. } => {
+                let mut iter = queue.iter(mem).map_err(|source| QueueError::Ring {
+                    queue: index,
+                    source,
+                })?;
+                let Some(chain) = iter.next() else {
+                    return Ok(None);
+                };
+                collect_split(index, size, chain).map(Some)
+            }
+            Ring::Packed(ring) => ring.pop(index, mem),
+        }
+    }
+
+    /// Returns a chain to the driver with `len` bytes written into it.
+    pub fn add_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        token: ChainToken,
+        len: u32,
+    ) -> Result<(), QueueError> {
+        let index = self.index;
+        match &mut self.ring {
+            Ring::Split { queue, .. } => queue.add_used(mem, token.id, len).map_err(|e| match e {
+                virtio_queue::Error::InvalidDescriptorIndex => QueueError::BadToken {
+                    queue: index,
+                    id: token.id,
+                },
+                source => QueueError::Ring {
+                    queue: index,
+                    source,
+                },
+            }),
+            Ring::Packed(ring) => ring.add_used(index, mem, token, len),
+        }
+    }
+
+    /// Puts back the chain `pop` just returned (it must be the last one
+    /// popped), so that the next `pop` returns it again. For a device that
+    /// found it cannot use the buffer yet.
+    pub fn undo_pop(&mut self, token: ChainToken) {
+        match &mut self.ring {
+            Ring::Split { queue, .. } => queue.go_to_previous_position(),
+            Ring::Packed(ring) => ring.undo_pop(token),
+        }
+    }
+
+    /// Asks the driver to notify again (used after a batch). Returns `true`
+    /// if chains became available meanwhile, in which case the caller
+    /// should keep processing.
+    pub fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let index = self.index;
+        match &mut self.ring {
+            Ring::Split { queue, .. } => {
+                queue
+                    .enable_notification(mem)
+                    .map_err(|source| QueueError::Ring {
+                        queue: index,
+                        source,
+                    })
+            }
+            Ring::Packed(ring) => ring.enable_notification(index, mem),
+        }
+    }
+
+    /// Tells the driver notifications are not needed while the device is
+    /// busy with the queue.
+    pub fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        let index = self.index;
+        match &mut self.ring {
+            Ring::Split { queue, .. } => {
+                queue
+                    .disable_notification(mem)
+                    .map_err(|source| QueueError::Ring {
+                        queue: index,
+                        source,
+                    })
+            }
+            Ring::Packed(ring) => ring.disable_notification(index, mem),
+        }
+    }
+
+    /// Whether the driver wants an interrupt for the chains used since the
+    /// last call (event index or the no-interrupt flag).
+    pub fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let index = self.index;
+        let event_idx = self.event_idx;
+        match &mut self.ring {
+            Ring::Split { queue, avail } => {
+                let needed = queue
+                    .needs_notification(mem)
+                    .map_err(|source| QueueError::Ring {
+                        queue: index,
+                        source,
+                    })?;
+                if event_idx || !needed {
+                    return Ok(needed);
+                }
+                // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT;
+                // honour it here (virtio 1.2, 2.7.7.2).
+                let flags: u16 = mem
+                    .load(*avail, Ordering::Acquire)
+                    .map(u16::from_le)
+                    .map_err(|source| QueueError::Memory {
+                        queue: index,
+                        source,
+                    })?;
+                Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+            }
+            Ring::Packed(ring) => ring.needs_notification(index, mem),
+        }
+    }
+
+    /// The next ring position the device will read (for snapshots and
+    /// tests): split `next_avail`, or packed position and wrap counter.
+    pub fn next_avail(&self) -> (u16, bool) {
+        match &self.ring {
+            Ring::Split { queue, .. } => (queue.next_avail(), false),
+            Ring::Packed(ring) => ring.next_avail(),
+        }
+    }
+}
+
+fn collect_split(
+    queue: u16,
+    size: u16,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Result<DescChain, QueueError> {
+    let head = chain.head_index();
+    let mut descs = Vec::new();
+    let mut total: u32 = 0;
+    let mut seen_write = false;
+    let mut last_has_next = false;
+    // `virtio-queue` ends the iteration silently when a chain loops, names
+    // a descriptor past the table, nests indirect tables or cannot be read.
+    // A chain that ended properly ends in a descriptor without NEXT; one cut
+    // short does not (or yielded nothing at all).
+    for d in chain {
+        if descs.len() >= usize::from(size) {
+            return Err(QueueError::ChainTooLong {
+                queue,
+                head,
+                max: size,
+            });
+        }
+        total = total
+            .checked_add(d.len())
+            .ok_or(QueueError::ChainTooBig { queue, head })?;
+        let writable = d.flags() & VRING_DESC_F_WRITE as u16 != 0;
+        if seen_write && !writable {
+            return Err(QueueError::ReadAfterWrite { queue, head });
+        }
+        seen_write |= writable;
+        last_has_next = d.has_next();
+        descs.push(Descriptor {
+            addr: d.addr(),
+            len: d.len(),
+            writable,
+        });
+    }
+    if descs.is_empty() || last_has_next {
+        return Err(QueueError::BrokenChain {
+            queue,
+            head,
+            reason: if descs.is_empty() {
+                "no descriptor could be read"
+            } else {
+                "chain ends early (loop, index out of range, nested indirect table or unreadable descriptor)"
+            },
+        });
+    }
+    Ok(DescChain {
+        token: ChainToken { id: head, slots: 1 },
+        descs,
+    })
+}
+
+/// Wrapping helper for the event-index rule shared by both formats: does
+/// moving from `old` to `new` pass `event`? (virtio 1.2, 2.7.10.)
+pub(crate) fn passes_event(event: u16, new: u16, old: u16) -> bool {
+    (Wrapping(new) - Wrapping(event) - Wrapping(1)).0 < (Wrapping(new) - Wrapping(old)).0
+}
