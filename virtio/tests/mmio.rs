@@ -126,7 +126,8 @@ fn clearing_status_bits_is_ignored_and_zero_resets() {
 
 #[test]
 fn invalid_queue_setups_give_needs_reset_not_a_crash() {
-    let cases: [(&str, fn(&MmioTransport)); 4] = [
+    type Breaker = fn(&MmioTransport);
+    let cases: [(&str, Breaker); 4] = [
         ("size not a power of two", |t| set(t, 0x38, 100)),
         ("size above maximum", |t| set(t, 0x38, 512)),
         ("ring outside memory", |t| set(t, 0x80, 0xffff_0000)),

@@ -75,6 +75,9 @@ impl DriverTransport for Capture {
     }
 }
 
+/// A buffer as submitted: address, length, device-writable.
+type Buffer = (u64, u32, bool);
+
 #[derive(Debug, Clone)]
 enum Op {
     /// Submit a chain of (len, writable) buffers, through an indirect
@@ -119,13 +122,13 @@ proptest! {
         let mut queue = Queue::new(0, &config, format, true, &mem).unwrap();
         // Submitted and not yet popped: (id, buffers); popped and not yet
         // used: (id, buffers).
-        let mut pending: VecDeque<(u16, Vec<(u64, u32, bool)>)> = VecDeque::new();
+        let mut pending: VecDeque<(u16, Vec<Buffer>)> = VecDeque::new();
         let mut in_use: VecDeque<u16> = VecDeque::new();
         let mut outstanding = 0usize;
         for op in ops {
             match op {
                 Op::Submit { bufs, indirect } => {
-                    let addrs: Vec<(u64, u32, bool)> = bufs
+                    let addrs: Vec<Buffer> = bufs
                         .iter()
                         .map(|&(len, w)| (driver.alloc(u64::from(len)), len, w))
                         .collect();
@@ -152,7 +155,7 @@ proptest! {
                         Some((id, bufs)) => {
                             let chain = chain.unwrap();
                             prop_assert_eq!(chain.token().id(), id);
-                            let got: Vec<(u64, u32, bool)> = chain
+                            let got: Vec<Buffer> = chain
                                 .descriptors()
                                 .iter()
                                 .map(|d| (d.addr.0, d.len, d.writable))
