@@ -606,7 +606,8 @@ impl<T: DriverTransport> Driver<T> {
     /// Polls queue `q` until a used buffer arrives or `timeout` passes.
     /// Fails early when the device sets DEVICE_NEEDS_RESET.
     pub fn wait_used(&mut self, q: u16, timeout: Duration) -> Result<(u16, u32), DriverError> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let mut polls = 0u32;
         loop {
             if let Some(u) = self.used(q)? {
                 return Ok(u);
@@ -614,10 +615,20 @@ impl<T: DriverTransport> Driver<T> {
             if self.transport.status()? & status::DEVICE_NEEDS_RESET != 0 {
                 return Err(DriverError::NeedsReset);
             }
-            if Instant::now() > deadline {
+            let waited = start.elapsed();
+            if waited > timeout {
                 return Err(DriverError::Timeout(q));
             }
-            std::thread::sleep(Duration::from_micros(200));
+            // Spin briefly (a device worker usually answers within
+            // microseconds), then yield, then sleep.
+            polls = polls.saturating_add(1);
+            if polls < 1000 {
+                std::hint::spin_loop();
+            } else if waited < Duration::from_millis(2) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
+            }
         }
     }
 

@@ -20,7 +20,7 @@
 //! aligned memory and guest buffers need not be.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io;
 use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -423,11 +423,8 @@ impl Disk {
             }
             return Ok(());
         }
-        self.file
-            .seek(SeekFrom::Start(pos))
-            .map_err(RequestError::Io)?;
         writer
-            .copy_from(&mut self.file, len)
+            .read_from_file_at(&self.file, pos, len)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::InvalidInput => RequestError::Guest(e),
                 _ => RequestError::Io(e),
@@ -453,11 +450,8 @@ impl Disk {
             }
             return Ok(());
         }
-        self.file
-            .seek(SeekFrom::Start(pos))
-            .map_err(RequestError::Io)?;
         reader
-            .copy_to(&mut self.file, len)
+            .write_to_file_at(&self.file, pos, len)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::InvalidInput => RequestError::Guest(e),
                 _ => RequestError::Io(e),
