@@ -233,6 +233,7 @@ impl VirtioDevice for Block {
                 file,
                 capacity: self.capacity,
                 options: self.options.clone(),
+                features: activation.features,
                 bounce: Vec::new(),
             },
             mem: activation.mem,
@@ -295,6 +296,8 @@ struct Disk {
     file: File,
     capacity: u64,
     options: BlockOptions,
+    /// The negotiated features.
+    features: u64,
     bounce: Vec<u8>,
 }
 
@@ -395,6 +398,16 @@ impl Disk {
                 writer.write_all(&id[..n]).map_err(RequestError::Guest)
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                // Only when the driver accepted the feature (virtio 1.2,
+                // 5.2.6.2).
+                let bit = if kind == VIRTIO_BLK_T_DISCARD {
+                    VIRTIO_BLK_F_DISCARD
+                } else {
+                    VIRTIO_BLK_F_WRITE_ZEROES
+                };
+                if self.features & (1 << bit) == 0 {
+                    return Err(RequestError::Unsupported(kind));
+                }
                 if self.options.read_only {
                     return Err(RequestError::ReadOnly);
                 }
