@@ -14,6 +14,10 @@
 //!   edge and level lines ([`IrqLine`], with a [`ResampleWorker`] for level
 //!   lines), MSI vectors ([`KvmMsiVectors`]) and the GSI routing table they
 //!   share ([`IrqRouter`]).
+//! - [`snapshot`] saves and restores vCPUs ([`Vcpu::save_state`]), the VM's
+//!   irqchip, PIT and clock ([`Vm::save_state`]) and guest memory (full or
+//!   incremental from the dirty log) in a versioned, checksummed format
+//!   ([`Snapshot`]).
 //!
 //! # Example
 //! ```no_run
@@ -40,6 +44,7 @@ pub mod cpuid;
 pub mod handle;
 pub mod io;
 pub mod irq;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
@@ -47,6 +52,7 @@ pub use cpuid::CpuidConfig;
 pub use handle::{pause_all, resume_all, set_kick_signal, HandleError, VcpuHandle, VcpuState};
 pub use io::{IoAction, IoHandler};
 pub use irq::{IrqError, IrqLine, IrqRouter, KvmMsiVectors, MsiRoute, ResampleWorker};
+pub use snapshot::{MemorySnapshot, Snapshot, SnapshotError, VcpuSnapshot, VmSnapshot};
 pub use vcpu::{BootConfig, CpuMode, RegisterDump, StopReason, SystemEvent, Vcpu, VcpuError};
 pub use vm::{Vm, VmConfig, VmError};
 pub use {kvm_bindings, kvm_ioctls};

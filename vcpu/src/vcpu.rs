@@ -3,7 +3,7 @@
 use std::fmt;
 use std::mem::offset_of;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run,
@@ -18,6 +18,7 @@ use vmkit_memory::GuestMemoryMmap;
 use crate::cpuid::{filter_cpuid, CpuidConfig};
 use crate::handle::{HandleError, Interrupt, VcpuHandle, VcpuShared};
 use crate::io::{IoAction, IoHandler};
+use crate::snapshot::HostStateInfo;
 
 /// The ioctl numbers vmkit issues itself.
 mod ioctl_numbers {
@@ -300,7 +301,15 @@ pub struct Vcpu {
     memory: GuestMemoryMmap,
     supported_cpuid: CpuId,
     /// The VM has an in-kernel irqchip, so this vCPU has a LAPIC.
-    has_lapic: bool,
+    pub(crate) has_lapic: bool,
+    /// The CPUID table vmkit gave the vCPU (`KVM_GET_CPUID2` does not read
+    /// it back faithfully on every host), kept for snapshots.
+    pub(crate) cpuid: Mutex<Option<CpuId>>,
+    /// What the VM learnt from KVM for saving state.
+    pub(crate) host_state: HostStateInfo,
+    /// The last `KVM_RUN` returned a port I/O or MMIO exit that KVM
+    /// completes only at the next `KVM_RUN`.
+    pub(crate) io_in_flight: bool,
 }
 
 /// Offset of the LVT LINT0 register in the LAPIC page.
@@ -322,6 +331,7 @@ impl Vcpu {
         supported_cpuid: CpuId,
         has_lapic: bool,
         run_size: usize,
+        host_state: HostStateInfo,
     ) -> Result<Self, VcpuError> {
         // The only reference to kvm_run ever created; it ends here, and from
         // now on the mapping is reached through this pointer alone.
@@ -347,6 +357,9 @@ impl Vcpu {
             memory,
             supported_cpuid,
             has_lapic,
+            cpuid: Mutex::new(None),
+            host_state,
+            io_in_flight: false,
         })
     }
 
@@ -388,18 +401,38 @@ impl Vcpu {
         result
     }
 
-    /// One `KVM_RUN`.
-    fn kvm_run(&self) -> Result<(), kvm_ioctls::Error> {
+    /// One `KVM_RUN`. Records whether it left a port I/O or MMIO exit for
+    /// the next `KVM_RUN` to complete (any `KVM_RUN` completes the previous
+    /// one first, even with `immediate_exit` set).
+    fn kvm_run(&mut self) -> Result<(), kvm_ioctls::Error> {
         // SAFETY: KVM_RUN on a vCPU fd takes no argument; the kernel reads
         // and writes only the vCPU's own kvm_run mapping, which `self.fd`
         // keeps alive, and which vmkit accesses only through raw pointers
         // and atomics (never through a live reference).
         let ret = unsafe { vmm_sys_util::ioctl::ioctl(&self.fd, KVM_RUN()) };
         if ret == 0 {
+            self.io_in_flight = matches!(
+                self.exit_reason(),
+                kvm_bindings::KVM_EXIT_IO | kvm_bindings::KVM_EXIT_MMIO
+            );
             Ok(())
         } else {
-            Err(kvm_ioctls::Error::last())
+            let err = kvm_ioctls::Error::last();
+            // EAGAIN comes from an AP not yet started, before KVM looks at
+            // a pending completion (and an AP that never ran has none).
+            if err.errno() != libc::EAGAIN {
+                self.io_in_flight = false;
+            }
+            Err(err)
         }
+    }
+
+    /// Whether a port I/O or MMIO exit is in flight: the run loop returned
+    /// (e.g. [`StopReason::Exit`] from a device) before KVM completed the
+    /// access. [`complete_pending_io`](Self::complete_pending_io) finishes
+    /// it; the state must not be saved before.
+    pub fn io_in_flight(&self) -> bool {
+        self.io_in_flight
     }
 
     /// The vCPU's id (its APIC ID).
@@ -519,7 +552,26 @@ impl Vcpu {
                 ..*config
             },
         );
-        self.fd.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))
+        self.set_cpuid_table(cpuid)
+    }
+
+    /// Sets `cpuid` with `KVM_SET_CPUID2` and remembers it for snapshots.
+    pub(crate) fn set_cpuid_table(&self, cpuid: CpuId) -> Result<(), VcpuError> {
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        *self.cpuid.lock().unwrap_or_else(PoisonError::into_inner) = Some(cpuid);
+        Ok(())
+    }
+
+    /// The CPUID table vmkit set on this vCPU (by
+    /// [`configure`](Self::configure), [`configure_ap`](Self::configure_ap)
+    /// or a snapshot restore), if any.
+    pub fn cpuid(&self) -> Option<CpuId> {
+        self.cpuid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The x87/SSE state at reset: FCW 0x37F, MXCSR 0x1F80.

@@ -8,6 +8,7 @@ use vmkit_memory::GuestMemoryMmap;
 use std::sync::Arc;
 
 use crate::irq::{IrqError, IrqLine, IrqRouter, KvmMsiVectors};
+use crate::snapshot::HostStateInfo;
 use crate::vcpu::{Vcpu, VcpuError};
 
 /// The KVM API version this crate is written against.
@@ -103,6 +104,8 @@ pub struct Vm {
     kvm: Kvm,
     slots: Vec<MemorySlot>,
     supported_cpuid: CpuId,
+    /// The MSR list and XSAVE size a snapshot needs.
+    host_state: HostStateInfo,
     config: VmConfig,
     router: Option<Arc<IrqRouter>>,
     /// Size of each vCPU's kvm_run mapping.
@@ -162,6 +165,14 @@ impl Vm {
                 op: "KVM_GET_SUPPORTED_CPUID",
                 source,
             })?;
+        let msr_index_list: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map_err(|source| VmError::Ioctl {
+                op: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?
+            .as_slice()
+            .into();
         let fd = kvm.create_vm().map_err(|source| VmError::Ioctl {
             op: "KVM_CREATE_VM",
             source,
@@ -217,6 +228,7 @@ impl Vm {
                 source,
             })?;
         }
+        let xsave_size = usize::try_from(fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
         let shared = Arc::new(VmShared { fd, memory });
         let router = if config.irqchip {
             Some(Arc::new(IrqRouter::new(Arc::clone(&shared), &kvm)))
@@ -232,6 +244,10 @@ impl Vm {
             kvm,
             slots,
             supported_cpuid,
+            host_state: HostStateInfo {
+                msr_index_list,
+                xsave_size,
+            },
             config,
             router,
         })
@@ -255,6 +271,7 @@ impl Vm {
             self.supported_cpuid.clone(),
             self.config.irqchip,
             self.run_size,
+            self.host_state.clone(),
         )
     }
 
@@ -309,6 +326,11 @@ impl Vm {
     /// The configuration the VM was created with.
     pub fn config(&self) -> VmConfig {
         self.config
+    }
+
+    /// The MSRs KVM lists as saveable (`KVM_GET_MSR_INDEX_LIST`).
+    pub fn msr_index_list(&self) -> &[u32] {
+        &self.host_state.msr_index_list
     }
 
     /// The CPUID entries KVM supports on this host, before any filtering.

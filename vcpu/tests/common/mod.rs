@@ -260,3 +260,15 @@ pub fn hlt_until(a: &mut CodeAssembler, count: u64, n: u32) -> Result<(), IcedEr
     a.jmp(wait)?;
     a.set_label(&mut done)
 }
+
+/// A VM with `RAM` bytes of blank memory and vCPU 0 created but not
+/// configured: the target of a snapshot restore.
+pub fn blank_vm(config: VmConfig) -> (Vm, Vcpu) {
+    let memory = MemoryLayout::new(RAM)
+        .unwrap()
+        .create_memory(&Default::default())
+        .unwrap();
+    let vm = Vm::new(memory, config).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    (vm, vcpu)
+}
