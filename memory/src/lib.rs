@@ -5,6 +5,9 @@
 //!   pages or a shared file) as vm-memory guest memory with optional dirty
 //!   tracking, KVM memory-slot descriptions and the e820 map.
 //! - [`pagetable`]: page tables for booting a guest (long-mode identity maps).
+//! - [`paging`]: a software x86 MMU — paging contexts for every paging mode,
+//!   SDM-exact page walks (rights, protection keys, #PF error codes,
+//!   accessed/dirty bits) and page-table builders for every format.
 //!
 //! This crate never calls KVM: [`layout::kvm_slots`] only describes slots for
 //! a crate that does (such as `vmkit-vcpu`).
@@ -28,6 +31,8 @@
 
 pub mod layout;
 pub mod pagetable;
+pub mod paging;
 
 pub use layout::{GuestMemoryMmap, MemoryLayout, MemoryOptions};
+pub use paging::{PagingContext, WalkError};
 pub use vm_memory;
