@@ -108,13 +108,25 @@
 //!
 //! # Example
 //! ```no_run
+//! use std::sync::Arc;
+//! use vmkit_devices::{DebugExit, IoBus};
+//! use vmkit_memory::vm_memory::{Bytes, GuestAddress};
 //! use vmkit_memory::MemoryLayout;
 //! use vmkit_vcpu::snapshot::Snapshot;
-//! use vmkit_vcpu::{Vm, VmConfig};
+//! use vmkit_vcpu::{BootConfig, CpuMode, Vm, VmConfig};
 //!
-//! # fn run_source_vm() -> Result<(Vm, vmkit_vcpu::Vcpu), Box<dyn std::error::Error>> { unimplemented!() }
-//! // A VM whose vCPU has returned from `run` (kicked, stopped, ...).
-//! let (vm, mut vcpu) = run_source_vm()?;
+//! // A real-mode guest that stops the run loop through the debug-exit port
+//! // (mov al, 7; out 0xf4, al; hlt).
+//! let memory = MemoryLayout::new(64 << 20)?.create_memory(&Default::default())?;
+//! memory.write_slice(&[0xb0, 0x07, 0xe6, 0xf4, 0xf4], GuestAddress(0x1000))?;
+//! let vm = Vm::new(memory, VmConfig { irqchip: true, ..Default::default() })?;
+//! let mut vcpu = vm.create_vcpu(0)?;
+//! vcpu.configure(&BootConfig::new(CpuMode::Real, 0x1000, 0x8000))?;
+//! let bus = IoBus::new();
+//! bus.pio.insert(0xf4, 1, Arc::new(DebugExit::new()))?;
+//! vcpu.run(&bus)?;
+//! // The port write that stopped the loop is still in flight: finish it
+//! // before saving.
 //! vcpu.complete_pending_io()?;
 //! let snapshot = Snapshot::capture_full(&vm, &[&vcpu])?;
 //! snapshot.write_to(&mut std::fs::File::create("vm.snap")?)?;
