@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{rig, Rig, TempImage, FORMATS, TIMEOUT};
+use common::{request, rig, Rig, TempImage, FORMATS, TIMEOUT};
 use vm_memory::{Bytes, GuestAddress};
 use vmkit_virtio::devices::{Block, BlockOptions};
 use vmkit_virtio::driver::{raw, DriverError};
@@ -28,52 +28,6 @@ fn pattern(i: usize) -> u8 {
 fn block_rig(image: &TempImage, options: BlockOptions, format: RingFormat) -> Rig {
     let dev = Block::open(&image.path, options).unwrap();
     rig(Box::new(dev), format, 0x00ff_ffff)
-}
-
-struct Reply {
-    status: u8,
-    used_len: u32,
-    data: Vec<u8>,
-}
-
-/// One request: header, optional data out, `in_len` bytes in, status.
-fn request(r: &mut Rig, kind: u32, sector: u64, out: &[u8], in_len: u32, indirect: bool) -> Reply {
-    let d = &mut r.driver;
-    let hdr = d.alloc(16);
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.mem().write_slice(&h, GuestAddress(hdr)).unwrap();
-    let mut readable = vec![(hdr, 16)];
-    if !out.is_empty() {
-        let b = d.alloc(out.len() as u64);
-        d.mem().write_slice(out, GuestAddress(b)).unwrap();
-        readable.push((b, out.len() as u32));
-    }
-    let inbuf = d.alloc(u64::from(in_len));
-    let st = d.alloc(1);
-    d.mem().write_slice(&[0xee], GuestAddress(st)).unwrap();
-    let mut writable = vec![];
-    if in_len > 0 {
-        writable.push((inbuf, in_len));
-    }
-    writable.push((st, 1));
-    if indirect {
-        d.submit_indirect(0, &readable, &writable).unwrap();
-    } else {
-        d.submit(0, &readable, &writable).unwrap();
-    }
-    d.notify(0).unwrap();
-    let (_, used_len) = d.wait_used(0, TIMEOUT).unwrap();
-    let mut data = vec![0u8; in_len as usize];
-    d.mem().read_slice(&mut data, GuestAddress(inbuf)).unwrap();
-    let mut s = [0u8];
-    d.mem().read_slice(&mut s, GuestAddress(st)).unwrap();
-    Reply {
-        status: s[0],
-        used_len,
-        data,
-    }
 }
 
 #[test]

@@ -7,9 +7,8 @@ mod common;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
-use common::{memory, rig, TempImage, TIMEOUT};
+use common::{memory, rig, TempImage};
 use proptest::prelude::*;
-use vm_memory::{Bytes, GuestAddress};
 use vmkit_virtio::devices::{Block, BlockOptions};
 use vmkit_virtio::driver::{Driver, DriverError, DriverTransport};
 use vmkit_virtio::queue::{Queue, QueueConfig, RingFormat};
@@ -203,33 +202,8 @@ fn blk_op() -> impl Strategy<Value = BlkOp> {
 }
 
 fn blk(r: &mut common::Rig, kind: u32, sector: u64, out: &[u8], in_len: u32) -> (u8, Vec<u8>) {
-    let d = &mut r.driver;
-    let hdr = d.alloc(16);
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.mem().write_slice(&h, GuestAddress(hdr)).unwrap();
-    let mut readable = vec![(hdr, 16)];
-    if !out.is_empty() {
-        let b = d.alloc(out.len() as u64);
-        d.mem().write_slice(out, GuestAddress(b)).unwrap();
-        readable.push((b, out.len() as u32));
-    }
-    let inbuf = d.alloc(u64::from(in_len));
-    let st = d.alloc(1);
-    let mut writable = vec![];
-    if in_len > 0 {
-        writable.push((inbuf, in_len));
-    }
-    writable.push((st, 1));
-    d.submit(0, &readable, &writable).unwrap();
-    d.notify(0).unwrap();
-    d.wait_used(0, TIMEOUT).unwrap();
-    let mut data = vec![0u8; in_len as usize];
-    d.mem().read_slice(&mut data, GuestAddress(inbuf)).unwrap();
-    let mut s = [0u8];
-    d.mem().read_slice(&mut s, GuestAddress(st)).unwrap();
-    (s[0], data)
+    let reply = common::request(r, kind, sector, out, in_len, false);
+    (reply.status, reply.data)
 }
 
 proptest! {

@@ -5,8 +5,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+use vm_memory::bitmap::{Bitmap, MS};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileSlice, WriteVolatile,
+};
 use vmkit_memory::GuestMemoryMmap;
 
 /// One buffer of a descriptor chain, after indirect tables were flattened.
@@ -123,6 +125,32 @@ fn mem_err(e: vm_memory::GuestMemoryError) -> io::Error {
 fn total_len(descs: &[Descriptor]) -> usize {
     let t: u64 = descs.iter().map(|d| u64::from(d.len)).sum();
     usize::try_from(t).unwrap_or(usize::MAX)
+}
+
+/// The guest-memory slices holding the next `len` bytes of `descs` from
+/// `(index, offset)` (at most `MAX_IOVECS` of them, so possibly fewer
+/// bytes), for one vectored system call. Fails if there are none.
+fn gather<'a>(
+    mem: &'a GuestMemoryMmap,
+    descs: &[Descriptor],
+    (mut idx, mut offset): (usize, u32),
+    len: usize,
+) -> io::Result<Vec<VolatileSlice<'a, MS<'a, GuestMemoryMmap>>>> {
+    let mut spans = Vec::with_capacity(MAX_IOVECS);
+    let mut want = len;
+    while want > 0 && spans.len() < MAX_IOVECS {
+        let Some((addr, n)) = next_span(descs, &mut idx, &mut offset, want) else {
+            break;
+        };
+        spans.push(mem.get_slice(addr, n).map_err(mem_err)?);
+        // n ≤ the descriptor's remaining length, which fits in u32.
+        offset += n as u32;
+        want -= n;
+    }
+    if spans.is_empty() {
+        return Err(short("descriptor chain too short"));
+    }
+    Ok(spans)
 }
 
 /// Position in a descriptor list: the next span of at most `max` bytes.
@@ -250,24 +278,12 @@ impl<'a> ChainReader<'a> {
     pub fn write_to_file_at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
         let mut done = 0usize;
         while done < len {
-            let mut spans = Vec::with_capacity(MAX_IOVECS);
-            let mut probe = (self.idx, self.offset, self.left);
-            let mut want = len - done;
-            while want > 0 && spans.len() < MAX_IOVECS && probe.2 > 0 {
-                let Some((addr, n)) =
-                    next_span(self.descs, &mut probe.0, &mut probe.1, want.min(probe.2))
-                else {
-                    break;
-                };
-                let slice = self.mem.get_slice(addr, n).map_err(mem_err)?;
-                spans.push(slice);
-                probe.1 += n as u32;
-                probe.2 -= n;
-                want -= n;
-            }
-            if spans.is_empty() {
-                return Err(short("descriptor chain too short"));
-            }
+            let spans = gather(
+                self.mem,
+                self.descs,
+                (self.idx, self.offset),
+                self.left.min(len - done),
+            )?;
             let guards: Vec<_> = spans.iter().map(|s| s.ptr_guard()).collect();
             let iov: Vec<libc::iovec> = guards
                 .iter()
@@ -301,14 +317,7 @@ impl<'a> ChainReader<'a> {
             }
             // n > 0 and ≤ the bytes described.
             let n = n as usize;
-            let mut k = n;
-            while k > 0 {
-                let (_, m) = self
-                    .step(k)
-                    .ok_or_else(|| short("descriptor chain too short"))?;
-                self.consume(m);
-                k -= m;
-            }
+            self.skip(n)?;
             done += n;
         }
         Ok(())
@@ -414,6 +423,20 @@ impl<'a> ChainWriter<'a> {
         self.written += n;
     }
 
+    /// Moves past `n` bytes that were filled behind the writer's back
+    /// (by `preadv`), counting them as written.
+    fn skip(&mut self, n: usize) -> io::Result<()> {
+        let mut left = n;
+        while left > 0 {
+            let (_, k) = self
+                .step(left)
+                .ok_or_else(|| short("descriptor chain too short"))?;
+            self.consume(k);
+            left -= k;
+        }
+        Ok(())
+    }
+
     /// Writes all of `buf`, or fails with `UnexpectedEof` when the chain is
     /// too short (what fitted stays written).
     pub fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
@@ -461,24 +484,12 @@ impl<'a> ChainWriter<'a> {
     pub fn read_from_file_at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
         let mut done = 0usize;
         while done < len {
-            let mut spans = Vec::with_capacity(MAX_IOVECS);
-            let mut probe = (self.idx, self.offset, self.left);
-            let mut want = len - done;
-            while want > 0 && spans.len() < MAX_IOVECS && probe.2 > 0 {
-                let Some((addr, n)) =
-                    next_span(self.descs, &mut probe.0, &mut probe.1, want.min(probe.2))
-                else {
-                    break;
-                };
-                let slice = self.mem.get_slice(addr, n).map_err(mem_err)?;
-                spans.push(slice);
-                probe.1 += n as u32;
-                probe.2 -= n;
-                want -= n;
-            }
-            if spans.is_empty() {
-                return Err(short("descriptor chain too short"));
-            }
+            let spans = gather(
+                self.mem,
+                self.descs,
+                (self.idx, self.offset),
+                self.left.min(len - done),
+            )?;
             let guards: Vec<_> = spans.iter().map(|s| s.ptr_guard_mut()).collect();
             let iov: Vec<libc::iovec> = guards
                 .iter()
@@ -519,14 +530,7 @@ impl<'a> ChainWriter<'a> {
                 s.bitmap().mark_dirty(0, m);
                 k -= m;
             }
-            let mut k = n;
-            while k > 0 {
-                let (_, m) = self
-                    .step(k)
-                    .ok_or_else(|| short("descriptor chain too short"))?;
-                self.consume(m);
-                k -= m;
-            }
+            self.skip(n)?;
             done += n;
         }
         Ok(())
