@@ -210,9 +210,14 @@ fn rng_fills_buffers_in_both_formats_and_interrupts() {
             hist.iter().all(|&n| n > 0),
             "{format:?}: byte values missing"
         );
-        assert!(r.line.asserts() > 0);
+        // The worker raises the interrupt for a batch before it goes back to
+        // waiting, so the first round's interrupt was raised before the
+        // second round was served: the line went up and the used-buffer bit
+        // is set. (Whether it is low right after the acknowledgement depends
+        // on the last batch's timing; `invalid_queue_setups_...` checks the
+        // acknowledgement deterministically.)
+        assert!(r.line.asserts() > 0, "{format:?}");
         assert_eq!(r.driver.transport().take_interrupt().unwrap() & 1, 1);
-        assert!(!r.line.level(), "acknowledged");
     }
 }
 

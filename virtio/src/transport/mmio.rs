@@ -120,8 +120,11 @@ impl Interrupt for Shared {
     }
 
     fn needs_reset(&self) {
-        self.needs_reset.store(true, Ordering::Release);
+        // Raise the configuration interrupt first: a driver that sees
+        // DEVICE_NEEDS_RESET in the status register then also finds the
+        // interrupt pending.
         self.raise(VIRTIO_MMIO_INT_CONFIG);
+        self.needs_reset.store(true, Ordering::Release);
     }
 }
 
