@@ -333,6 +333,18 @@ impl Serial {
         }
     }
 
+    /// How many input bytes the receive FIFO takes now (0 in loopback
+    /// mode). A host feeding input from a stream pushes at most this many
+    /// and waits for the guest to drain the FIFO, so nothing is dropped.
+    pub fn input_space(&self) -> usize {
+        let st = self.lock_state();
+        if st.loopback() {
+            0
+        } else {
+            st.rx_capacity.saturating_sub(st.rx.len())
+        }
+    }
+
     /// Host → guest input. Returns how many bytes were accepted; bytes beyond
     /// the bounded receive FIFO are dropped, counted and flagged with the
     /// overrun bit in LSR. In loopback mode the receiver is disconnected from

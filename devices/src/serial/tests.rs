@@ -560,3 +560,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn input_space_tracks_the_fifo_and_loopback() {
+    let u = Uart::with_capacity(4);
+    assert_eq!(u.serial.input_space(), 4);
+    assert_eq!(u.serial.push_input(b"abc"), 3);
+    assert_eq!(u.serial.input_space(), 1);
+    // The guest reads one byte: one more fits.
+    assert_eq!(u.r(DATA), b'a');
+    assert_eq!(u.serial.input_space(), 2);
+    // Pushing no more than the space never drops.
+    assert_eq!(u.serial.push_input(b"de"), 2);
+    assert_eq!(u.serial.input_space(), 0);
+    assert_eq!(u.serial.dropped_input(), 0);
+    // Loopback disconnects host input.
+    u.w(MCR, MCR_LOOP);
+    assert_eq!(u.serial.input_space(), 0);
+}

@@ -1,0 +1,404 @@
+//! Assembling the machine and running it.
+//!
+//! Guest-physical map (below 4 GiB; RAM above the 3 GiB MMIO gap continues
+//! at 4 GiB):
+//!
+//! | range | what |
+//! |---|---|
+//! | `0x0000_0000..` | RAM (boot structures, ACPI tables at 0xE0000, kernel at 16 MiB) |
+//! | `0xC000_0000..0xD000_0000` | PCI 32-bit BAR window |
+//! | `0xD000_0000..` | virtio-mmio devices, 4 KiB each |
+//! | `0xD100_0000` | boot-timer device |
+//! | `0xE000_0000..0xE010_0000` | PCI ECAM (bus 0) |
+//! | `0xFEC0_0000` | I/O APIC (in KVM) |
+//! | `0xFEE0_0000` | local APICs (in KVM) |
+//!
+//! Interrupts: COM1 on GSI 4, the i8042 on 1 and 12 (edge); virtio-mmio
+//! devices on GSIs 16.. (level, active high, re-raised on EOI while the
+//! device still asserts them — KVM's irqfd resample).
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmkit_devices::interrupt::InterruptLine;
+use vmkit_devices::{BootTimer, IoBus, Rtc, Serial, I8042};
+use vmkit_memory::layout::E820Kind;
+use vmkit_memory::MemoryLayout;
+use vmkit_vcpu::kvm_ioctls::IoEventAddress;
+use vmkit_vcpu::{
+    CpuidConfig, IrqLine, ResampleWorker, StopReason, SystemEvent, Vcpu, VcpuHandle, Vm, VmConfig,
+};
+use vmkit_virtio::devices::{Block, BlockOptions, Rng};
+use vmkit_virtio::transport::mmio::{MmioOptions, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use vmkit_virtio::VirtioDevice;
+
+use crate::acpi::{self, MmioDevice, Platform};
+use crate::boot;
+use crate::terminal::{self, RawMode};
+use crate::{Args, Error, Transport};
+
+const COM1: u64 = 0x3f8;
+const COM1_GSI: u32 = 4;
+const I8042_PORT: u64 = 0x60;
+const KBD_GSI: u32 = 1;
+const AUX_GSI: u32 = 12;
+const RTC_PORT: u64 = 0x70;
+const VIRTIO_MMIO_BASE: u64 = 0xD000_0000;
+const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+const VIRTIO_FIRST_GSI: u32 = 16;
+/// KVM's I/O APIC has 24 pins.
+const IOAPIC_PINS: u32 = 24;
+const BOOT_TIMER_ADDR: u64 = 0xD100_0000;
+/// The least RAM minivmm starts a guest with: the kernel is loaded at
+/// 16 MiB and needs room above it.
+const MIN_MEMORY: u64 = 64 << 20;
+
+/// What ends the run.
+#[derive(Debug)]
+enum Event {
+    /// The guest reset itself (i8042, ACPI, triple fault).
+    Reboot(&'static str),
+    /// The guest powered off.
+    PowerOff,
+    /// A vCPU failed.
+    Failed(String),
+}
+
+fn kvm<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::Kvm(format!("{what}: {e}"))
+}
+
+/// One vCPU thread: runs until the guest resets or powers off, a stop is
+/// requested, or something fails; reports terminal events on `events`.
+fn vcpu_thread(
+    mut vcpu: Vcpu,
+    bus: Arc<IoBus>,
+    events: mpsc::Sender<Event>,
+) -> std::io::Result<JoinHandle<()>> {
+    let name = format!("vcpu{}", vcpu.id());
+    std::thread::Builder::new().name(name).spawn(move || loop {
+        let event = match vcpu.run(&*bus) {
+            Ok(StopReason::Kicked | StopReason::Interrupted | StopReason::Hlt) => continue,
+            Ok(StopReason::Stopped) => return,
+            Ok(StopReason::Reset) => Event::Reboot("the i8042 reset line"),
+            Ok(StopReason::Shutdown(_)) => Event::Reboot("a triple fault"),
+            Ok(StopReason::SystemEvent {
+                kind: SystemEvent::Reset,
+                ..
+            }) => Event::Reboot("a system reset"),
+            Ok(StopReason::PowerOff)
+            | Ok(StopReason::SystemEvent {
+                kind: SystemEvent::Shutdown,
+                ..
+            }) => Event::PowerOff,
+            Ok(StopReason::Exit(code)) => Event::Failed(format!("exit request {code}")),
+            Ok(other) => Event::Failed(format!("vCPU {} stopped: {other:?}", vcpu.id())),
+            Err(e) => Event::Failed(format!("vCPU {}: {e}", vcpu.id())),
+        };
+        // The main thread may be gone already; nothing more to do then.
+        let _ = events.send(event);
+        return;
+    })
+}
+
+/// Feeds this process's stdin to the UART, never faster than the guest
+/// drains its FIFO. Ends at EOF; `stop` ends the wait loop.
+fn stdin_to_serial(serial: Arc<Serial>, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let room = serial.input_space().min(pending.len());
+                    if room == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                        continue;
+                    }
+                    let taken = serial.push_input(&pending[..room]);
+                    pending = &pending[taken..];
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("minivmm: no console input: {e}");
+    }
+}
+
+/// The virtio devices the command line asks for, in a fixed order: disks,
+/// network devices, rng.
+/// A virtio device with a name for messages.
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+fn virtio_devices(args: &Args) -> Result<Vec<NamedDevice>, Error> {
+    let mut devices: Vec<NamedDevice> = Vec::new();
+    for (i, disk) in args.disk.iter().enumerate() {
+        let options = BlockOptions {
+            read_only: disk.read_only,
+            id: format!("minivmm-disk{i}"),
+            ..Default::default()
+        };
+        let block = Block::open(&disk.path, options)
+            .map_err(|e| Error::Disk(format!("{}: {e}", disk.path.display())))?;
+        devices.push((
+            format!("virtio-blk {}", disk.path.display()),
+            Box::new(block),
+        ));
+    }
+    if !args.net.is_empty() {
+        return Err(Error::Net(
+            "virtio-net is not available in this build of minivmm yet".into(),
+        ));
+    }
+    if args.rng {
+        devices.push(("virtio-rng".into(), Box::new(Rng::new())));
+    }
+    if args.vconsole.is_some() || args.console == crate::ConsoleKind::Virtio {
+        return Err(Error::Console(
+            "virtio-console is not available in this build of minivmm yet".into(),
+        ));
+    }
+    Ok(devices)
+}
+
+/// Builds the machine from `args`, runs it until the guest reboots or powers
+/// off (exit status 0) or something fails.
+pub fn run(args: &Args) -> Result<ExitCode, Error> {
+    if args.memory < MIN_MEMORY {
+        return Err(Error::Memory(format!(
+            "{} MiB is too little; minivmm needs at least {} MiB",
+            args.memory >> 20,
+            MIN_MEMORY >> 20
+        )));
+    }
+    if args.transport == Transport::Pci {
+        return Err(Error::Device(
+            "the virtio-pci transport is not available in this build of minivmm yet".into(),
+        ));
+    }
+    let devices = virtio_devices(args)?;
+    let max_devices = (IOAPIC_PINS - VIRTIO_FIRST_GSI) as usize;
+    if devices.len() > max_devices {
+        return Err(Error::Device(format!(
+            "{} virtio-mmio devices; at most {max_devices} have an interrupt pin",
+            devices.len()
+        )));
+    }
+
+    // Memory and the guest image.
+    let mut layout = MemoryLayout::new(args.memory).map_err(|e| Error::Memory(e.to_string()))?;
+    layout
+        .reserve(
+            VIRTIO_MMIO_BASE,
+            VIRTIO_MMIO_STRIDE * devices.len().max(1) as u64,
+            E820Kind::Reserved,
+        )
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    let memory = layout
+        .create_memory(&Default::default())
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    let mmio: Vec<MmioDevice> = (0..devices.len())
+        .map(|i| MmioDevice {
+            base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE,
+            len: VIRTIO_MMIO_STRIDE,
+            gsi: VIRTIO_FIRST_GSI + i as u32,
+        })
+        .collect();
+    let platform = Platform {
+        cpus: args.cpus,
+        mmio: mmio.clone(),
+        pci: None,
+    };
+    let rsdp = acpi::write_tables(&memory, &platform)?;
+    let boot = boot::load_kernel(
+        &memory,
+        &layout,
+        &args.kernel,
+        args.initrd.as_deref(),
+        &args.cmdline,
+        rsdp,
+    )?;
+
+    // The VM with KVM's interrupt controllers and PIT.
+    let vm = Vm::new(
+        memory.clone(),
+        VmConfig {
+            irqchip: true,
+            pit: true,
+            log_dirty_pages: false,
+        },
+    )
+    .map_err(kvm("creating the VM"))?;
+
+    // Legacy devices.
+    let bus = Arc::new(IoBus::new());
+    let serial_line = vm.edge_irq_line(COM1_GSI).map_err(kvm("COM1 interrupt"))?;
+    let serial = Arc::new(Serial::new(
+        Box::new(std::io::stdout()),
+        serial_line as Arc<dyn InterruptLine>,
+    ));
+    let insert = |space: &str, base: u64, len: u64, dev| -> Result<(), Error> {
+        let target = if space == "pio" { &bus.pio } else { &bus.mmio };
+        target
+            .insert(base, len, dev)
+            .map_err(|e| Error::Device(format!("{space} {base:#x}: {e}")))
+    };
+    insert("pio", COM1, 8, serial.clone())?;
+    let kbd = vm.edge_irq_line(KBD_GSI).map_err(kvm("i8042 interrupt"))?;
+    let aux = vm.edge_irq_line(AUX_GSI).map_err(kvm("i8042 interrupt"))?;
+    insert(
+        "pio",
+        I8042_PORT,
+        5,
+        Arc::new(I8042::new(
+            kbd as Arc<dyn InterruptLine>,
+            aux as Arc<dyn InterruptLine>,
+        )),
+    )?;
+    insert("pio", RTC_PORT, 2, Arc::new(Rtc::new()))?;
+    if args.boot_timer {
+        let timer = BootTimer::with_reporter(|t| eprintln!("minivmm: {t}"));
+        insert("mmio", BOOT_TIMER_ADDR, 1, Arc::new(timer))?;
+        eprintln!("minivmm: boot timer at {BOOT_TIMER_ADDR:#x} (write 123 there)");
+    }
+
+    // virtio-mmio devices: notifications through ioeventfds, interrupts
+    // through level irqfds.
+    let mut lines: Vec<Arc<IrqLine>> = Vec::new();
+    let mut transports = Vec::new();
+    for ((name, device), slot) in devices.into_iter().zip(&mmio) {
+        let line = vm
+            .level_irq_line(slot.gsi)
+            .map_err(kvm("virtio interrupt"))?;
+        lines.push(line.clone());
+        let transport = Arc::new(
+            MmioTransport::new(
+                device,
+                memory.clone(),
+                line as Arc<dyn InterruptLine>,
+                MmioOptions::default(),
+            )
+            .map_err(|e| Error::Device(format!("{name}: {e}")))?,
+        );
+        for (queue, fd) in transport.notify_eventfds().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    fd,
+                    &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(kvm("registering a queue ioeventfd"))?;
+        }
+        insert("mmio", slot.base, MMIO_SIZE, transport.clone())?;
+        transports.push(transport);
+    }
+    let _resample = ResampleWorker::spawn(lines).map_err(kvm("interrupt resampling"))?;
+
+    // vCPUs: the boot CPU starts at the kernel's entry; the others wait for
+    // the kernel's INIT/SIPI.
+    let cpuid = |id: u8| CpuidConfig {
+        vcpu_id: u32::from(id),
+        vcpu_count: u32::from(args.cpus),
+        disable_xsave: args.no_xsave,
+    };
+    let mut vcpus = Vec::new();
+    for id in 0..args.cpus {
+        let vcpu = vm
+            .create_vcpu(u32::from(id))
+            .map_err(kvm("creating a vCPU"))?;
+        if id == 0 {
+            let mut config = boot.config;
+            config.cpuid = cpuid(0);
+            vcpu.configure(&config)
+                .map_err(kvm("setting up the boot vCPU"))?;
+            if boot.rbx != 0 {
+                let mut regs = vcpu.regs().map_err(kvm("reading registers"))?;
+                regs.rbx = boot.rbx;
+                vcpu.set_regs(&regs).map_err(kvm("setting registers"))?;
+            }
+        } else {
+            vcpu.configure_ap(&cpuid(id))
+                .map_err(kvm("setting up an application processor"))?;
+        }
+        vcpus.push(vcpu);
+    }
+    eprintln!(
+        "minivmm: {} MiB, {} vCPU(s), {} virtio-mmio device(s); kernel entered by {}",
+        args.memory >> 20,
+        args.cpus,
+        transports.len(),
+        boot.protocol
+    );
+
+    terminal::catch_signals().map_err(Error::Device)?;
+    let raw = RawMode::enter();
+    let stop_input = Arc::new(AtomicBool::new(false));
+    stdin_to_serial(serial.clone(), stop_input.clone());
+
+    let (tx, rx) = mpsc::channel();
+    let mut handles: Vec<VcpuHandle> = Vec::new();
+    let mut threads = Vec::new();
+    for vcpu in vcpus {
+        handles.push(vcpu.handle());
+        let thread = vcpu_thread(vcpu, bus.clone(), tx.clone())
+            .map_err(|e| Error::Kvm(format!("starting a vCPU thread: {e}")))?;
+        threads.push(thread);
+    }
+    drop(tx);
+
+    // Wait for the end: a vCPU's event, or a signal.
+    let outcome = loop {
+        if terminal::interrupted() {
+            break Err("interrupted".to_string());
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(event) => break Ok(event),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err("every vCPU thread ended without a reason".to_string())
+            }
+        }
+    };
+
+    for h in &handles {
+        // A vCPU that has already returned has nothing to stop.
+        let _ = h.stop();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    stop_input.store(true, Ordering::Relaxed);
+    // Workers stop and join as the transports go.
+    drop(transports);
+    drop(raw);
+
+    match outcome {
+        Ok(Event::Reboot(how)) => {
+            eprintln!("minivmm: the guest rebooted ({how}); exiting");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Event::PowerOff) => {
+            eprintln!("minivmm: the guest powered off");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Event::Failed(why)) => Err(Error::Guest(why)),
+        Err(why) if why == "interrupted" => {
+            eprintln!("minivmm: interrupted; the guest was stopped");
+            Ok(ExitCode::from(130))
+        }
+        Err(why) => Err(Error::Guest(why)),
+    }
+}
