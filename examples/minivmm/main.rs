@@ -17,12 +17,13 @@
 //! lab (`cargo xtask lab run`) on machines whose KVM cannot.
 //!
 //! The modules: [`boot`] loads the kernel and its boot information,
-//! [`acpi`] writes the ACPI tables, [`platform`] assembles memory, devices
+//! [`acpi`] writes the ACPI tables, [`mptable`] the MP table, [`platform`] assembles memory, devices
 //! and vCPUs, [`terminal`] puts the host terminal into raw mode and restores
 //! it.
 
 mod acpi;
 mod boot;
+mod mptable;
 mod platform;
 mod terminal;
 

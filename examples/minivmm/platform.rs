@@ -39,6 +39,7 @@ use vmkit_virtio::VirtioDevice;
 
 use crate::acpi::{self, MmioDevice, Platform};
 use crate::boot;
+use crate::mptable;
 use crate::terminal::{self, RawMode};
 use crate::{Args, Error, Transport};
 
@@ -223,6 +224,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         pci: None,
     };
     let rsdp = acpi::write_tables(&memory, &platform)?;
+    mptable::write(&memory, args.cpus)?;
     let boot = boot::load_kernel(
         &memory,
         &layout,
