@@ -183,6 +183,9 @@ pub struct PageTableBuilder<'m, M: GuestMemory + ?Sized> {
     base: u64,
     len: u64,
     next: u64,
+    /// EPT entry format (present = any of bits 2:0; tables referenced with
+    /// R/W/X), for the stage-2 builder of the `nested` module.
+    ept: bool,
 }
 
 impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
@@ -195,6 +198,19 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
         area: GuestAddress,
         len: u64,
     ) -> Result<Self, BuildError> {
+        Self::with_entry_format(memory, format, area, len, false)
+    }
+
+    /// [`PageTableBuilder::new`], with EPT entries if `ept` (then `format`
+    /// is [`TableFormat::Level4`] or [`TableFormat::Level5`] and only gives
+    /// the number of levels).
+    pub(crate) fn with_entry_format(
+        memory: &'m M,
+        format: TableFormat,
+        area: GuestAddress,
+        len: u64,
+        ept: bool,
+    ) -> Result<Self, BuildError> {
         let base = area.0;
         if base % PAGE != 0 || len < PAGE || base.checked_add(len).is_none() {
             return Err(BuildError::InvalidArea { base, len });
@@ -206,6 +222,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
             base,
             len,
             next: base,
+            ept,
         };
         builder.root = builder.allocate()?;
         Ok(builder)
@@ -286,12 +303,24 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
             });
         }
         let leaf = self.leaf_value(gpa, size, flags)?;
+        self.install(gva, size, leaf)
+    }
+
+    /// Writes the leaf entry `leaf` for the page of `size` at `gva` (already
+    /// checked), creating tables on the way; refuses overlaps as
+    /// [`PageTableBuilder::map`] does.
+    pub(crate) fn install(
+        &mut self,
+        gva: u64,
+        size: PageSize,
+        leaf: u64,
+    ) -> Result<(), BuildError> {
         let level = leaf_level(size);
         let slot = self
             .descend(gva, level, true)?
             .ok_or(BuildError::Overlap { gva, size })?;
         let old = self.read(slot)?;
-        if old & P != 0 {
+        if self.present(old) {
             let table_below = level > 1 && old & PS == 0;
             if !table_below || !self.table_is_empty(self.table_address(old), level - 1)? {
                 return Err(BuildError::Overlap { gva, size });
@@ -387,12 +416,18 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
 
     fn find_leaf(&mut self, gva: u64, size: PageSize) -> Result<u64, BuildError> {
         self.check(gva, size)?;
+        self.leaf_slot(gva, size)
+    }
+
+    /// The address of the leaf entry mapping the page of `size` at `gva`
+    /// (already checked).
+    pub(crate) fn leaf_slot(&mut self, gva: u64, size: PageSize) -> Result<u64, BuildError> {
         let level = leaf_level(size);
         let slot = self
             .descend(gva, level, false)?
             .ok_or(BuildError::NotMapped { gva, size })?;
         let value = self.read(slot)?;
-        if value & P == 0 || (level > 1 && value & PS == 0) {
+        if !self.present(value) || (level > 1 && value & PS == 0) {
             return Err(BuildError::NotMapped { gva, size });
         }
         Ok(slot)
@@ -410,13 +445,20 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
                 return Ok(Some(slot));
             }
             let entry = self.read(slot)?;
-            if entry & P == 0 {
+            if !self.present(entry) {
                 if !create {
                     return Ok(None);
                 }
                 let new = self.allocate()?;
                 let pae_pdpte = self.format == TableFormat::Pae && level == 3;
-                let flags = if pae_pdpte { P } else { P | RW | US };
+                let flags = if self.ept {
+                    // EPT: read, write and execute (bits 2:0).
+                    0b111
+                } else if pae_pdpte {
+                    P
+                } else {
+                    P | RW | US
+                };
                 self.write(slot, new | flags)?;
                 table = new;
             } else if level > 1
@@ -428,6 +470,15 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
                 table = self.table_address(entry);
             }
             level -= 1;
+        }
+    }
+
+    /// Whether `entry` is present: P for x86 formats, any of R/W/X for EPT.
+    fn present(&self, entry: u64) -> bool {
+        if self.ept {
+            entry & 0b111 != 0
+        } else {
+            entry & P != 0
         }
     }
 
@@ -445,7 +496,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
         let entries = PAGE / self.entry_bytes();
         for i in 0..entries {
             let entry = self.read(table + i * self.entry_bytes())?;
-            if entry & P == 0 {
+            if !self.present(entry) {
                 continue;
             }
             if level == 1 || entry & PS != 0 {
@@ -490,7 +541,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
         Ok(page)
     }
 
-    fn read(&self, gpa: u64) -> Result<u64, BuildError> {
+    pub(crate) fn read(&self, gpa: u64) -> Result<u64, BuildError> {
         let value = if self.format.wide() {
             self.memory
                 .load::<u64>(GuestAddress(gpa), Ordering::Acquire)
@@ -503,7 +554,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
         value.map_err(|source| BuildError::Memory { gpa, source })
     }
 
-    fn write(&self, gpa: u64, value: u64) -> Result<(), BuildError> {
+    pub(crate) fn write(&self, gpa: u64, value: u64) -> Result<(), BuildError> {
         let result = if self.format.wide() {
             self.memory
                 .store(value.to_le(), GuestAddress(gpa), Ordering::Release)
@@ -516,7 +567,7 @@ impl<'m, M: GuestMemory + ?Sized> PageTableBuilder<'m, M> {
     }
 }
 
-fn leaf_level(size: PageSize) -> u8 {
+pub(crate) fn leaf_level(size: PageSize) -> u8 {
     match size {
         PageSize::Size4K => 1,
         PageSize::Size2M | PageSize::Size4M => 2,

@@ -13,6 +13,12 @@
 //!   ([`WalkMode::Probe`]).
 //! - [`builder`]: [`PageTableBuilder`] maps, unmaps and re-protects pages in
 //!   any of the four formats with tables taken from a caller-given area.
+//! - [`nested`]: stage-2 translation for nested paging — Intel EPT
+//!   ([`EptContext`]: violations with their exit qualification,
+//!   misconfigurations, execute-only, EPT A/D) and AMD NPT ([`NptContext`]:
+//!   #NPF error codes, user-access rules) — the two-dimensional walk
+//!   [`walk_2d`] that reports which stage faulted and counts memory
+//!   references, and the builders [`EptBuilder`] and [`NptBuilder`].
 //!
 //! Entries are always read and written through vm-memory; nothing keeps a
 //! reference into guest memory, and guest-controlled values never panic.
@@ -44,10 +50,18 @@
 
 pub mod builder;
 pub mod context;
+pub mod nested;
 pub mod walk;
 
 pub use builder::{BuildError, PageFlags, PageTableBuilder, TableFormat};
 pub use context::{ControlRegs, CpuFeatures, PagingContext, PagingError, PagingMode, Vendor};
+pub use nested::{
+    walk_2d, walk_2d_counted, EptBuilder, EptCapabilities, EptContext, EptFlags, EptMemoryType,
+    EptMisconfigReason, EptQualification, NestedError, NestedStats, NestedTranslation,
+    NestedWalkError, NpfErrorCode, NptBuilder, NptContext, NptFlags, NptHost, Stage2Access,
+    Stage2BuildError, Stage2Context, Stage2Error, Stage2Fault, Stage2FaultKind, Stage2Phase,
+    Stage2Translation,
+};
 pub use walk::{
     walk, Access, AccessKind, PageSize, PfErrorCode, Privilege, Translation, WalkEntries,
     WalkEntry, WalkError, WalkMode, MAX_AD_RETRIES,

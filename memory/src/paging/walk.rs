@@ -309,10 +309,21 @@ pub struct WalkEntries {
 }
 
 impl WalkEntries {
-    fn push(&mut self, entry: WalkEntry) {
+    pub(crate) fn push(&mut self, entry: WalkEntry) {
         if let Some(slot) = self.items.get_mut(usize::from(self.len)) {
             *slot = entry;
             self.len += 1;
+        }
+    }
+
+    /// Gives the entries from index `from` on that sit at `gpa` the value
+    /// `value` (a self-referencing table uses one entry at several levels).
+    pub(crate) fn update_from(&mut self, from: usize, gpa: u64, value: u64) {
+        let len = usize::from(self.len);
+        for entry in self.items.iter_mut().take(len).skip(from) {
+            if entry.gpa == gpa {
+                entry.value = value;
+            }
         }
     }
 
@@ -408,9 +419,36 @@ pub(crate) fn is_canonical(gva: u64, width: u32) -> bool {
     (((gva << shift) as i64) >> shift) as u64 == gva
 }
 
-enum Step {
+pub(crate) enum Step {
     Done(Translation),
     Retry,
+}
+
+/// Where a walk reads paging-structure entries from and writes their
+/// accessed/dirty bits to.
+///
+/// The one-dimensional walk instantiates it with plain guest memory
+/// ([`EntryReader`]); the two-dimensional walk of the `nested` module with a
+/// view that first translates every entry address through stage 2. Being a
+/// generic parameter (not a trait object), it costs the 1-D walk nothing.
+pub(crate) trait TableMemory {
+    /// What a failed access reports; page faults of the walk itself are
+    /// converted from [`WalkError`].
+    type Error: From<WalkError>;
+
+    /// Reads the entry of `level` at `gpa` (8 bytes if `wide`, else 4).
+    fn read(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, Self::Error>;
+
+    /// Replaces `old` by `new` at `gpa` if it still holds `old`; returns
+    /// whether it did.
+    fn compare_exchange(
+        &mut self,
+        wide: bool,
+        level: u8,
+        gpa: u64,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, Self::Error>;
 }
 
 /// Translates `gva` for `access` in the paging context `ctx`, reading the
@@ -426,6 +464,17 @@ pub fn walk<M: GuestMemory + ?Sized>(
     access: Access,
     mode: WalkMode,
 ) -> Result<Translation, WalkError> {
+    walk_tables(ctx, &mut EntryReader::new(memory), gva, access, mode)
+}
+
+/// [`walk`] over any [`TableMemory`].
+pub(crate) fn walk_tables<T: TableMemory>(
+    ctx: &PagingContext,
+    tables: &mut T,
+    gva: u64,
+    access: Access,
+    mode: WalkMode,
+) -> Result<Translation, T::Error> {
     let gva = match ctx.mode {
         PagingMode::None => {
             return Ok(Translation {
@@ -445,18 +494,18 @@ pub fn walk<M: GuestMemory + ?Sized>(
                 48
             };
             if !is_canonical(gva, width) {
-                return Err(WalkError::NonCanonical { address: gva });
+                return Err(WalkError::NonCanonical { address: gva }.into());
             }
             gva
         }
         PagingMode::Bits32 | PagingMode::Pae => gva & 0xffff_ffff,
     };
     for _ in 0..MAX_AD_RETRIES {
-        if let Step::Done(t) = walk_once(ctx, memory, gva, access, mode)? {
+        if let Step::Done(t) = walk_once(ctx, tables, gva, access, mode)? {
             return Ok(t);
         }
     }
-    Err(WalkError::Contended { address: gva })
+    Err(WalkError::Contended { address: gva }.into())
 }
 
 impl PagingContext {
@@ -474,7 +523,7 @@ impl PagingContext {
 
 /// Reads paging-structure entries, remembering the guest memory region of
 /// the previous entry so that a walk usually looks a region up once.
-struct EntryReader<'a, M: GuestMemory + ?Sized> {
+pub(crate) struct EntryReader<'a, M: GuestMemory + ?Sized> {
     memory: &'a M,
     /// Start, length and contents of the last region used.
     region: Option<(u64, u64, RegionSlice<'a, M>)>,
@@ -484,14 +533,14 @@ struct EntryReader<'a, M: GuestMemory + ?Sized> {
 type RegionSlice<'a, M> = VolatileSlice<'a, MS<'a, <M as GuestMemory>::PhysicalMemory>>;
 
 impl<'a, M: GuestMemory + ?Sized> EntryReader<'a, M> {
-    fn new(memory: &'a M) -> Self {
+    pub(crate) fn new(memory: &'a M) -> Self {
         EntryReader {
             memory,
             region: None,
         }
     }
 
-    fn read(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, WalkError> {
+    pub(crate) fn read(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, WalkError> {
         let err = |source| WalkError::Memory { level, gpa, source };
         let Some(physical) = self.memory.physical_memory() else {
             return read_entry(self.memory, wide, level, gpa);
@@ -522,6 +571,27 @@ impl<'a, M: GuestMemory + ?Sized> EntryReader<'a, M> {
     }
 }
 
+impl<M: GuestMemory + ?Sized> TableMemory for EntryReader<'_, M> {
+    type Error = WalkError;
+
+    #[inline]
+    fn read(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, WalkError> {
+        EntryReader::read(self, wide, level, gpa)
+    }
+
+    #[inline]
+    fn compare_exchange(
+        &mut self,
+        wide: bool,
+        level: u8,
+        gpa: u64,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, WalkError> {
+        compare_exchange(self.memory, wide, level, gpa, old, new)
+    }
+}
+
 fn read_entry<M: GuestMemory + ?Sized>(
     memory: &M,
     wide: bool,
@@ -542,7 +612,7 @@ fn read_entry<M: GuestMemory + ?Sized>(
 
 /// Replaces `old` by `new` at `gpa` if it still holds `old`; returns whether
 /// it did. Marks the entry dirty in vm-memory's bitmap.
-fn compare_exchange<M: GuestMemory + ?Sized>(
+pub(crate) fn compare_exchange<M: GuestMemory + ?Sized>(
     memory: &M,
     wide: bool,
     level: u8,
@@ -590,13 +660,13 @@ fn compare_exchange<M: GuestMemory + ?Sized>(
     Ok(swapped)
 }
 
-fn walk_once<M: GuestMemory + ?Sized>(
+pub(crate) fn walk_once<T: TableMemory>(
     ctx: &PagingContext,
-    memory: &M,
+    tables: &mut T,
     gva: u64,
     access: Access,
     mode: WalkMode,
-) -> Result<Step, WalkError> {
+) -> Result<Step, T::Error> {
     let wide = ctx.mode != PagingMode::Bits32;
     let write = access.kind == AccessKind::Write;
     let mut code = PfErrorCode::empty();
@@ -614,7 +684,6 @@ fn walk_once<M: GuestMemory + ?Sized>(
         address: gva,
     };
 
-    let mut reader = EntryReader::new(memory);
     let mut entries = WalkEntries::default();
     let mut level = ctx.mode.levels();
     let mut table = ctx.root;
@@ -629,7 +698,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
             value,
         });
         if value & P == 0 {
-            return Err(fault(code));
+            return Err(fault(code).into());
         }
         table = value & ctx.addr_mask;
         level = 2;
@@ -642,19 +711,19 @@ fn walk_once<M: GuestMemory + ?Sized>(
         let shift = 12 + index_bits * (u32::from(level) - 1);
         let index = (gva >> shift) & ((1 << index_bits) - 1);
         let gpa = table + index * entry_bytes;
-        leaf = reader.read(wide, level, gpa)?;
+        leaf = tables.read(wide, level, gpa)?;
         entries.push(WalkEntry {
             level,
             gpa,
             value: leaf,
         });
         if leaf & P == 0 {
-            return Err(fault(code));
+            return Err(fault(code).into());
         }
         let slot = usize::from(level - 1);
         let large = level > 1 && leaf & PS != 0 && ctx.large[slot];
         if leaf & ctx.rsvd[slot][usize::from(large)] != 0 {
-            return Err(fault(code | PfErrorCode::PRESENT | PfErrorCode::RSVD));
+            return Err(fault(code | PfErrorCode::PRESENT | PfErrorCode::RSVD).into());
         }
         rights &= leaf;
         xd |= leaf;
@@ -692,7 +761,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
         }
     }
     if denied {
-        return Err(fault(code | PfErrorCode::PRESENT));
+        return Err(fault(code | PfErrorCode::PRESENT).into());
     }
 
     let (page_size, base) = match (level, wide) {
@@ -719,7 +788,7 @@ fn walk_once<M: GuestMemory + ?Sized>(
                 new |= D;
             }
             if new != entry.value {
-                if !compare_exchange(memory, wide, entry.level, entry.gpa, entry.value, new)? {
+                if !tables.compare_exchange(wide, entry.level, entry.gpa, entry.value, new)? {
                     return Ok(Step::Retry);
                 }
                 // Self-referencing tables can use one entry at several
