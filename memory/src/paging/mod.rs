@@ -20,6 +20,11 @@
 //!   [`walk_2d`] that reports which stage faulted and counts memory
 //!   references, and the builders [`EptBuilder`] and [`NptBuilder`].
 //!
+//! - [`shadow`]: [`ShadowMmu`], a translation cache (guest-virtual →
+//!   guest-physical → host through a [`HostMap`]) keyed by address space,
+//!   invalidated by INVLPG, CR3 loads, observed page-table writes and
+//!   memory-map changes, that also materializes shadow page tables.
+//!
 //! Entries are always read and written through vm-memory; nothing keeps a
 //! reference into guest memory, and guest-controlled values never panic.
 //!
@@ -51,6 +56,7 @@
 pub mod builder;
 pub mod context;
 pub mod nested;
+pub mod shadow;
 pub mod walk;
 
 pub use builder::{BuildError, PageFlags, PageTableBuilder, TableFormat};
@@ -61,6 +67,10 @@ pub use nested::{
     NestedWalkError, NpfErrorCode, NptBuilder, NptContext, NptFlags, NptHost, Stage2Access,
     Stage2BuildError, Stage2Context, Stage2Error, Stage2Fault, Stage2FaultKind, Stage2Phase,
     Stage2Translation,
+};
+pub use shadow::{
+    CachedEntry, FaultOutcome, HostMap, IdentityMap, ShadowConfig, ShadowError, ShadowMmu,
+    ShadowStats, ShadowTranslation, SpaceInfo,
 };
 pub use walk::{
     walk, Access, AccessKind, PageSize, PfErrorCode, Privilege, Translation, WalkEntries,
