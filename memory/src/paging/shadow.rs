@@ -262,6 +262,8 @@ pub enum FaultOutcome {
     /// The guest allows the access but no shadow entry can express it (a
     /// supervisor write to a read-only page under CR0.WP = 0, or shadow
     /// tables that overlap the guest's tables): emulate this one access.
+    /// For the write under CR0.WP = 0 the page is still mapped read-only,
+    /// so the guest's other accesses to it do not fault again.
     Emulate {
         /// The translation (the walk has set accessed/dirty bits).
         translation: ShadowTranslation,
@@ -724,6 +726,14 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
             return Ok(FaultOutcome::Mmio { gpa: t.gpa });
         }
         if access.kind == AccessKind::Write && !t.writable {
+            // The walk may have replaced the page's entry (clearing its
+            // leaf): map the page again, read-only, so that only the write
+            // is left to emulate and reads do not fault once more.
+            self.fill_shadow(i)?;
+            self.settle();
+            if let Some(gpa) = self.broken {
+                return Err(ShadowError::ShadowWrite { gpa });
+            }
             return Ok(FaultOutcome::Emulate { translation: t });
         }
         let filled = self.fill_shadow(i)?;
