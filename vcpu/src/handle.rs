@@ -298,16 +298,15 @@ impl VcpuShared {
         }
     }
 
-    /// Called by the run loop when `KVM_RUN` returned EINTR.
+    /// Called by the run loop when `KVM_RUN` returned EINTR. Answers every
+    /// request pending under one lock; one that cannot be answered now (a
+    /// kick that came together with a stop) stays armed for the next
+    /// `KVM_RUN`.
     pub(crate) fn interrupted(&self) -> Interrupt {
         let mut c = self.lock();
         self.set_immediate_exit(&c, 0);
-        let ours = std::mem::take(&mut c.requested);
-        if c.stop {
-            c.stop = false;
-            return Interrupt::Stopped;
-        }
-        if c.pause {
+        let mut ours = std::mem::take(&mut c.requested);
+        if c.pause && !c.stop {
             c.state = VcpuState::Paused;
             self.notify(&c);
             while c.pause && !c.stop && c.alive {
@@ -315,19 +314,29 @@ impl VcpuShared {
             }
             c.state = VcpuState::Running;
             self.notify(&c);
-            // A stop or kick made while parked armed immediate_exit again:
-            // the next KVM_RUN returns at once and is handled then.
-            return Interrupt::Continue;
+            // A kick or stop made before the pause was taken, or while
+            // parked, is answered below: returning `Continue` with a kick
+            // still flagged would lose it (immediate_exit is clear).
+            c.requested = false;
+            self.set_immediate_exit(&c, 0);
+            ours = true;
         }
-        if c.kick {
+        let result = if c.stop {
+            c.stop = false;
+            Interrupt::Stopped
+        } else if c.kick {
             c.kick = false;
-            return Interrupt::Kicked;
-        }
-        if ours {
+            Interrupt::Kicked
+        } else if ours {
             Interrupt::Continue
         } else {
             Interrupt::Foreign
+        };
+        if c.kick || c.stop || c.pause {
+            c.requested = true;
+            self.set_immediate_exit(&c, 1);
         }
+        result
     }
 
     fn request(&self, f: impl FnOnce(&mut Control)) -> Result<(), HandleError> {

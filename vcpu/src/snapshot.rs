@@ -32,7 +32,13 @@
 //! master, PIC slave and IOAPIC (`KVM_SET_IRQCHIP`), the PIT
 //! (`KVM_SET_PIT2`) and the clock (`KVM_SET_CLOCK`, without
 //! `KVM_CLOCK_REALTIME`: the guest's clock continues from the saved value, so
-//! the time a snapshot spends on disk is invisible to the guest). Each vCPU
+//! the time a snapshot spends on disk is invisible to the guest). The
+//! guest's TSC is saved and restored as the `IA32_TSC` MSR, so on hardware
+//! with TSC offsetting it too continues from the saved value and agrees
+//! with the kvmclock; a KVM that cannot offset the TSC (such as `kvm_pvm`)
+//! ignores that write, and there the guest's TSC is the host's: it stays
+//! monotonic across a restore on the same host but includes the time
+//! spent on disk, while the kvmclock does not. Each vCPU
 //! is then restored in this order (the same facts the KVM API documentation,
 //! QEMU, Firecracker and Cloud Hypervisor rely on):
 //!
@@ -46,8 +52,8 @@
 //! | 6 | `KVM_SET_XCRS` | XCR0; after CPUID, which says which bits are valid. |
 //! | 7 | `KVM_SET_DEBUGREGS` | No dependencies. |
 //! | 8 | `KVM_SET_LAPIC` | After SREGS (the APIC base decides where and whether the LAPIC is enabled), before the MSRs (the TSC-deadline MSR is only accepted once the LAPIC is in TSC-deadline mode). |
-//! | 9 | `KVM_SET_MSRS` | The MSRs `KVM_GET_MSR_INDEX_LIST` names that the vCPU accepted when saved: the TSC, kvmclock's system-time and wall-clock MSRs, SYSCALL/SYSENTER, PAT, MTRRs, ... |
-//! | 10 | `KVM_SET_TSC_KHZ` | Only when the saved TSC frequency differs from the vCPU's (scaling is not available everywhere; then the restore fails rather than run the guest with another TSC rate). |
+//! | 9 | `KVM_SET_TSC_KHZ` | Only when the saved TSC frequency differs from the vCPU's (scaling is not available everywhere; then the restore fails rather than run the guest with another TSC rate). Before the MSRs: KVM turns a written `IA32_TSC` value into a TSC offset with the scaling ratio in force at the time of the write and does not redo it when the ratio changes, so a frequency set afterwards would make the guest's TSC jump. |
+//! | 10 | `KVM_SET_MSRS` | The MSRs `KVM_GET_MSR_INDEX_LIST` names that the vCPU accepted when saved: the TSC, kvmclock's system-time and wall-clock MSRs, SYSCALL/SYSENTER, PAT, MTRRs, ... |
 //! | 11 | `KVM_SET_VCPU_EVENTS` | Last: pending exceptions, interrupts, NMIs and the interrupt shadow, which the steps above may reset. |
 //!
 //! Saving reads `KVM_GET_MP_STATE` first (it makes KVM process pending
@@ -750,6 +756,11 @@ impl Vcpu {
         if let Some(lapic) = &state.lapic {
             fd.set_lapic(lapic).map_err(e("KVM_SET_LAPIC"))?;
         }
+        // Before the TSC MSR, which KVM converts with the current ratio.
+        if state.tsc_khz != 0 && fd.get_tsc_khz().ok() != Some(state.tsc_khz) {
+            fd.set_tsc_khz(state.tsc_khz)
+                .map_err(e("KVM_SET_TSC_KHZ"))?;
+        }
         for batch in state.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
             let msrs = Msrs::from_entries(batch)
                 .map_err(|_| SnapshotError::Encode("MSR batch larger than KVM_MAX_MSR_ENTRIES"))?;
@@ -762,10 +773,6 @@ impl Vcpu {
                     total: batch.len(),
                 });
             }
-        }
-        if state.tsc_khz != 0 && fd.get_tsc_khz().ok() != Some(state.tsc_khz) {
-            fd.set_tsc_khz(state.tsc_khz)
-                .map_err(e("KVM_SET_TSC_KHZ"))?;
         }
         fd.set_vcpu_events(&state.events)
             .map_err(e("KVM_SET_VCPU_EVENTS"))?;
