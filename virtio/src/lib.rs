@@ -7,7 +7,8 @@
 //!   indirect descriptors and event-index suppression in both formats.
 //! - [`transport`]: virtio-mmio (version 2 register layout), as a
 //!   `vmkit-devices` bus device.
-//! - [`devices`]: block (raw file) and rng (host `getrandom`).
+//! - [`devices`]: block (raw file), net (tap or in-process pair), console
+//!   (stdio, file, Unix socket) and rng (host `getrandom`).
 //! - [`worker`]: epoll-driven device threads and the bounded queue-draining
 //!   loop.
 //! - [`driver`]: a driver-side model that sets up rings in guest memory and

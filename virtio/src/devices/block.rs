@@ -189,6 +189,26 @@ impl Block {
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
+
+    /// Serves one request chain synchronously, exactly as the worker does,
+    /// for the negotiated `features` (for fuzzing and tests that want no
+    /// thread). Returns what the worker would put in the used ring; fails
+    /// only if the image file cannot be duplicated.
+    pub fn process_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: &DescChain,
+        features: u64,
+    ) -> io::Result<Completion> {
+        let mut disk = Disk {
+            file: self.file.try_clone()?,
+            capacity: self.capacity,
+            options: self.options.clone(),
+            features,
+            bounce: Vec::new(),
+        };
+        Ok(disk.request(mem, chain))
+    }
 }
 
 impl VirtioDevice for Block {

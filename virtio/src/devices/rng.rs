@@ -10,6 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::device_type;
+use crate::queue::DescChain;
 use crate::worker::{Completion, ServedQueue, Worker, WorkerHandler};
 
 /// Queue size offered.
@@ -39,6 +40,18 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Fills one request chain with random bytes (at most [`MAX_REQUEST`]),
+/// as the worker does; public for fuzzing and tests that want no thread.
+pub fn fill_chain(mem: &GuestMemoryMmap, chain: &DescChain) -> Completion {
+    let mut w = chain.writer(mem);
+    let len = w.available().min(MAX_REQUEST);
+    if let Err(e) = w.fill_with(len, getrandom) {
+        log::warn!("virtio-rng: request cut short: {e}");
+    }
+    // bytes_written ≤ MAX_REQUEST.
+    Completion::Used(w.bytes_written() as u32)
+}
+
 /// The entropy device.
 #[derive(Debug, Default)]
 pub struct Rng {
@@ -61,15 +74,8 @@ struct RngWorker {
 impl WorkerHandler for RngWorker {
     fn handle(&mut self, _token: u64, _events: EventSet) -> ControlFlow<()> {
         let mem = &self.mem;
-        self.queue.serve(mem, &*self.interrupt, |chain| {
-            let mut w = chain.writer(mem);
-            let len = w.available().min(MAX_REQUEST);
-            if let Err(e) = w.fill_with(len, getrandom) {
-                log::warn!("virtio-rng: request cut short: {e}");
-            }
-            // bytes_written ≤ MAX_REQUEST.
-            Completion::Used(w.bytes_written() as u32)
-        });
+        self.queue
+            .serve(mem, &*self.interrupt, |chain| fill_chain(mem, chain));
         ControlFlow::Continue(())
     }
 }
