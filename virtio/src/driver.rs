@@ -5,19 +5,23 @@
 //! negotiates features, lays out split or packed rings, submits descriptor
 //! chains (direct or through an indirect table), notifies, and polls the
 //! used ring. [`DriverTransport`] hides the transport's register interface
-//! ([`MmioDriver`] for virtio-mmio). Tests that play a hostile driver write
+//! ([`MmioDriver`] for virtio-mmio, [`PciDriver`] for virtio-pci). Tests that play a hostile driver write
 //! raw descriptors with [`Driver::write_split_desc`] /
 //! [`Driver::write_packed_desc`] and publish them with
 //! [`Driver::publish_split`].
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_mmio::*;
 use vm_memory::{Bytes, GuestAddress};
-use vmkit_devices::BusDevice;
+use vmkit_devices::pci::{
+    PciAddress, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY_SPACE,
+    STATUS_CAPABILITIES_LIST,
+};
+use vmkit_devices::{BusDevice, IoBus, MsiMessage};
 use vmkit_memory::GuestMemoryMmap;
 
 use crate::queue::RingFormat;
@@ -53,6 +57,14 @@ pub enum DriverError {
     /// The device set DEVICE_NEEDS_RESET.
     #[error("device needs reset")]
     NeedsReset,
+    /// A PCI function is not a usable virtio-pci device.
+    #[error("virtio-pci probe of {address}: {reason}")]
+    Probe {
+        /// The function.
+        address: vmkit_devices::PciAddress,
+        /// What is missing or wrong.
+        reason: String,
+    },
 }
 
 /// The register-level operations a driver needs from a transport.
@@ -201,6 +213,501 @@ impl DriverTransport for MmioDriver {
     }
     fn config_generation(&self) -> Result<u32, DriverError> {
         self.r(VIRTIO_MMIO_CONFIG_GENERATION)
+    }
+}
+
+/// How a [`PciDriver`] reaches configuration space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PciConfigAccess {
+    /// The legacy mechanism: `CONFIG_ADDRESS` at port 0xCF8, data at
+    /// 0xCFC..=0xCFF.
+    Ports,
+    /// ECAM for bus 0 at this MMIO base.
+    Ecam(u64),
+}
+
+/// Where a [`PciDriver`] found the virtio structures: guest-physical
+/// addresses (from the BARs at probe time) and capability offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PciLayout {
+    /// Common configuration.
+    pub common: u64,
+    /// Notification area.
+    pub notify: u64,
+    /// `notify_off_multiplier`.
+    pub notify_multiplier: u32,
+    /// ISR status.
+    pub isr: u64,
+    /// Device configuration (0 if the device has none).
+    pub device: u64,
+    /// Offset of the COMMON_CFG capability in configuration space.
+    pub common_cap: u16,
+    /// Offset of the NOTIFY_CFG capability.
+    pub notify_cap: u16,
+    /// Offset of the ISR_CFG capability.
+    pub isr_cap: u16,
+    /// Offset of the DEVICE_CFG capability (0 if absent).
+    pub device_cap: u16,
+    /// Offset of the PCI_CFG capability (0 if absent).
+    pub pci_cfg_cap: u16,
+    /// Offset of the MSI-X capability (0 if absent).
+    pub msix_cap: u16,
+    /// MSI-X table address (0 without MSI-X).
+    pub msix_table: u64,
+    /// MSI-X PBA address (0 without MSI-X).
+    pub msix_pba: u64,
+    /// MSI-X table size in vectors (0 without MSI-X).
+    pub msix_vectors: u16,
+}
+
+/// [`DriverTransport`] over a modern virtio-pci function, reached as a
+/// guest reaches it: configuration space through ports 0xCF8/0xCFC or ECAM
+/// and the structures through the MMIO bus at the addresses the BARs hold.
+///
+/// [`PciDriver::probe`] does what Linux's `virtio_pci_modern` probe does:
+/// checks the IDs, enables memory decoding and bus mastering, walks the
+/// capability list for the first COMMON, NOTIFY, ISR, DEVICE and PCI_CFG
+/// structures in a memory BAR, and finds the MSI-X table. Queue set-up
+/// writes the 64-bit addresses as two 32-bit halves, reads
+/// `queue_notify_off` for the notify address, and with
+/// [`PciDriver::assign_msix`] programs and checks the MSI-X vectors.
+#[derive(Debug)]
+pub struct PciDriver {
+    bus: Arc<IoBus>,
+    address: PciAddress,
+    access: PciConfigAccess,
+    layout: PciLayout,
+    /// Notify address of each queue set up.
+    notify_addrs: Mutex<HashMap<u16, u64>>,
+    /// Config vector and per-queue vectors to program at set-up.
+    vectors: Mutex<Option<(u16, Vec<u16>)>>,
+}
+
+/// Most capabilities a walk follows (256 bytes of 4-byte aligned
+/// capabilities after the header), so that a looping list ends.
+const MAX_CAPABILITIES: usize = 48;
+
+impl PciDriver {
+    /// Probes the virtio-pci function at `address` on `bus`.
+    pub fn probe(
+        bus: Arc<IoBus>,
+        address: PciAddress,
+        access: PciConfigAccess,
+    ) -> Result<Self, DriverError> {
+        let mut d = Self {
+            bus,
+            address,
+            access,
+            layout: PciLayout::default(),
+            notify_addrs: Mutex::new(HashMap::new()),
+            vectors: Mutex::new(None),
+        };
+        let fail = |reason: String| DriverError::Probe { address, reason };
+        let vendor = d.config_read16(0x00);
+        let device = d.config_read16(0x02);
+        if vendor != 0x1AF4 || !(0x1040..=0x107F).contains(&device) {
+            return Err(fail(format!(
+                "{vendor:04x}:{device:04x} is not a modern virtio device"
+            )));
+        }
+        // pci_enable_device + pci_set_master.
+        let command = d.config_read16(0x04);
+        d.config_write16(0x04, command | COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER);
+        if d.config_read16(0x06) & STATUS_CAPABILITIES_LIST == 0 {
+            return Err(fail("no capability list".into()));
+        }
+        let mut l = PciLayout::default();
+        let mut ptr = d.config_read8(0x34) & !3;
+        for _ in 0..MAX_CAPABILITIES {
+            if ptr == 0 {
+                break;
+            }
+            let at = u16::from(ptr);
+            match d.config_read8(at) {
+                0x09 => {
+                    let cfg_type = d.config_read8(at + 3);
+                    let bar = d.config_read8(at + 4);
+                    let offset = d.config_read32(at + 8);
+                    let (slot, addr) = match cfg_type {
+                        1 => (&mut l.common_cap, &mut l.common),
+                        2 => (&mut l.notify_cap, &mut l.notify),
+                        3 => (&mut l.isr_cap, &mut l.isr),
+                        4 => (&mut l.device_cap, &mut l.device),
+                        5 => {
+                            if l.pci_cfg_cap == 0 {
+                                l.pci_cfg_cap = at;
+                            }
+                            ptr = d.config_read8(at + 1) & !3;
+                            continue;
+                        }
+                        _ => {
+                            ptr = d.config_read8(at + 1) & !3;
+                            continue;
+                        }
+                    };
+                    // The first structure of each type in a memory BAR,
+                    // as Linux picks it.
+                    if *slot == 0 {
+                        if let Some(base) = d.memory_bar(bar) {
+                            *slot = at;
+                            *addr = base + u64::from(offset);
+                            if cfg_type == 2 {
+                                l.notify_multiplier = d.config_read32(at + 16);
+                            }
+                        }
+                    }
+                }
+                0x11 if l.msix_cap == 0 => {
+                    let control = d.config_read16(at + 2);
+                    let table = d.config_read32(at + 4);
+                    let pba = d.config_read32(at + 8);
+                    if let (Some(t), Some(p)) = (
+                        d.memory_bar((table & 7) as u8),
+                        d.memory_bar((pba & 7) as u8),
+                    ) {
+                        l.msix_cap = at;
+                        l.msix_vectors = (control & 0x7FF) + 1;
+                        l.msix_table = t + u64::from(table & !7);
+                        l.msix_pba = p + u64::from(pba & !7);
+                    }
+                }
+                _ => {}
+            }
+            ptr = d.config_read8(at + 1) & !3;
+        }
+        if l.common_cap == 0 || l.notify_cap == 0 || l.isr_cap == 0 {
+            return Err(fail("missing common, notify or ISR capability".into()));
+        }
+        d.layout = l;
+        Ok(d)
+    }
+
+    /// The function's address.
+    pub fn address(&self) -> PciAddress {
+        self.address
+    }
+
+    /// The bus the driver uses.
+    pub fn bus(&self) -> &Arc<IoBus> {
+        &self.bus
+    }
+
+    /// Where the structures were found.
+    pub fn layout(&self) -> PciLayout {
+        self.layout
+    }
+
+    /// The base address of BAR `index` if it is an enabled memory BAR.
+    fn memory_bar(&self, index: u8) -> Option<u64> {
+        if index > 5 {
+            return None;
+        }
+        let reg = 0x10 + 4 * u16::from(index);
+        let low = self.config_read32(reg);
+        if low & 1 != 0 {
+            return None;
+        }
+        let mut base = u64::from(low & !0xF);
+        if (low >> 1) & 3 == 2 {
+            if index == 5 {
+                return None;
+            }
+            base |= u64::from(self.config_read32(reg + 4)) << 32;
+        }
+        Some(base)
+    }
+
+    /// Reads configuration space (accesses of 1, 2 or 4 bytes within one
+    /// dword; others read all-ones).
+    pub fn config_read(&self, offset: u16, data: &mut [u8]) {
+        match self.access {
+            PciConfigAccess::Ports => {
+                let reg = u8::try_from(offset & 0xFC).unwrap_or(0);
+                self.bus
+                    .pio_write(0xCF8, &self.address.config_address(reg).to_le_bytes());
+                self.bus.pio_read(0xCFC + (offset & 3), data);
+            }
+            PciConfigAccess::Ecam(base) => self
+                .bus
+                .mmio_read(base + self.address.ecam_offset(offset), data),
+        }
+    }
+
+    /// Writes configuration space.
+    pub fn config_write(&self, offset: u16, data: &[u8]) {
+        match self.access {
+            PciConfigAccess::Ports => {
+                let reg = u8::try_from(offset & 0xFC).unwrap_or(0);
+                self.bus
+                    .pio_write(0xCF8, &self.address.config_address(reg).to_le_bytes());
+                self.bus.pio_write(0xCFC + (offset & 3), data);
+            }
+            PciConfigAccess::Ecam(base) => {
+                self.bus
+                    .mmio_write(base + self.address.ecam_offset(offset), data);
+            }
+        }
+    }
+
+    /// Reads a configuration byte.
+    pub fn config_read8(&self, offset: u16) -> u8 {
+        let mut b = [0u8; 1];
+        self.config_read(offset, &mut b);
+        b[0]
+    }
+
+    /// Reads a configuration word.
+    pub fn config_read16(&self, offset: u16) -> u16 {
+        let mut b = [0u8; 2];
+        self.config_read(offset, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    /// Reads a configuration dword.
+    pub fn config_read32(&self, offset: u16) -> u32 {
+        let mut b = [0u8; 4];
+        self.config_read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Writes a configuration word.
+    pub fn config_write16(&self, offset: u16, v: u16) {
+        self.config_write(offset, &v.to_le_bytes());
+    }
+
+    /// Writes a configuration dword.
+    pub fn config_write32(&self, offset: u16, v: u32) {
+        self.config_write(offset, &v.to_le_bytes());
+    }
+
+    /// Reads `width` (1, 2, 4 or 8) bytes of MMIO at `addr`.
+    pub fn mmio_read(&self, addr: u64, width: usize) -> u64 {
+        let mut b = [0u8; 8];
+        let n = width.min(8);
+        self.bus.mmio_read(addr, &mut b[..n]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Writes the low `width` (1, 2, 4 or 8) bytes of `v` at `addr`.
+    pub fn mmio_write(&self, addr: u64, width: usize, v: u64) {
+        let n = width.min(8);
+        self.bus.mmio_write(addr, &v.to_le_bytes()[..n]);
+    }
+
+    fn common_read(&self, field: u64, width: usize) -> u64 {
+        self.mmio_read(self.layout.common + field, width)
+    }
+
+    fn common_write(&self, field: u64, width: usize, v: u64) {
+        self.mmio_write(self.layout.common + field, width, v);
+    }
+
+    /// Sets or clears COMMAND.INTX_DISABLE.
+    pub fn set_intx_disable(&self, disable: bool) {
+        let command = self.config_read16(0x04);
+        let command = if disable {
+            command | COMMAND_INTX_DISABLE
+        } else {
+            command & !COMMAND_INTX_DISABLE
+        };
+        self.config_write16(0x04, command);
+    }
+
+    /// Enables (or disables) MSI-X with the function mask clear, as
+    /// `pci_enable_msix` does. Fails without an MSI-X capability.
+    pub fn set_msix_enabled(&self, enable: bool) -> Result<(), DriverError> {
+        let cap = self.layout.msix_cap;
+        if cap == 0 {
+            return Err(DriverError::Probe {
+                address: self.address,
+                reason: "no MSI-X capability".into(),
+            });
+        }
+        let control = self.config_read16(cap + 2) & !(MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        let control = if enable {
+            control | MSIX_ENABLE
+        } else {
+            control
+        };
+        self.config_write16(cap + 2, control);
+        Ok(())
+    }
+
+    /// Programs MSI-X table entry `vector` with `message`, masked or not.
+    pub fn set_msix_entry(&self, vector: u16, message: MsiMessage, masked: bool) {
+        let at = self.layout.msix_table + 16 * u64::from(vector);
+        self.mmio_write(at, 4, message.address & 0xFFFF_FFFF);
+        self.mmio_write(at + 4, 4, message.address >> 32);
+        self.mmio_write(at + 8, 4, u64::from(message.data));
+        self.mmio_write(at + 12, 4, u64::from(masked));
+    }
+
+    /// Sets or clears the mask bit of MSI-X table entry `vector`.
+    pub fn set_msix_masked(&self, vector: u16, masked: bool) {
+        let at = self.layout.msix_table + 16 * u64::from(vector) + 12;
+        self.mmio_write(at, 4, u64::from(masked));
+    }
+
+    /// Whether `vector`'s pending bit is set in the PBA.
+    pub fn msix_pending(&self, vector: u16) -> bool {
+        let word = self.mmio_read(self.layout.msix_pba + 8 * u64::from(vector / 64), 8);
+        word & (1 << (vector % 64)) != 0
+    }
+
+    /// Asks for MSI-X vector `config` for configuration changes and
+    /// `queues[i]` for queue `i` at the next set-up: the configuration
+    /// vector is written when the driver sets FEATURES_OK (the vectors
+    /// read back as NO_VECTOR after a reset), each queue's vector in
+    /// [`DriverTransport::setup_queue`], and each is read back as Linux
+    /// does; a refused vector fails the set-up.
+    pub fn assign_msix(&self, config: u16, queues: &[u16]) {
+        *lock_ignoring_poison(&self.vectors) = Some((config, queues.to_vec()));
+    }
+
+    /// Writes `config_msix_vector` and returns what it reads back.
+    pub fn set_config_vector(&self, vector: u16) -> u16 {
+        self.common_write(0x10, 2, u64::from(vector));
+        self.common_read(0x10, 2) as u16
+    }
+
+    /// Writes queue `q`'s `queue_msix_vector` and returns what it reads
+    /// back.
+    pub fn set_queue_vector(&self, q: u16, vector: u16) -> u16 {
+        self.common_write(0x16, 2, u64::from(q));
+        self.common_write(0x1A, 2, u64::from(vector));
+        self.common_read(0x1A, 2) as u16
+    }
+
+    fn refused_vector(&self, what: &str, vector: u16) -> DriverError {
+        DriverError::Probe {
+            address: self.address,
+            reason: format!("{what}: MSI-X vector {vector} refused"),
+        }
+    }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+const MSI_NO_VECTOR: u16 = 0xFFFF;
+
+impl DriverTransport for PciDriver {
+    fn status(&self) -> Result<u32, DriverError> {
+        Ok(self.common_read(0x14, 1) as u32)
+    }
+    fn set_status(&self, v: u32) -> Result<(), DriverError> {
+        self.common_write(0x14, 1, u64::from(v & 0xFF));
+        if v == 0 {
+            // The reset is complete when the status reads back 0.
+            let mut tries = 0u32;
+            while self.status()? != 0 {
+                tries += 1;
+                if tries > 1000 {
+                    return Err(DriverError::Register {
+                        offset: 0x14,
+                        reason: "device reset did not complete".into(),
+                    });
+                }
+                std::thread::yield_now();
+            }
+            lock_ignoring_poison(&self.notify_addrs).clear();
+        } else if v & status::FEATURES_OK != 0 && v & status::DRIVER_OK == 0 {
+            let wanted = lock_ignoring_poison(&self.vectors)
+                .as_ref()
+                .map(|(c, _)| *c);
+            if let Some(c) = wanted {
+                if self.set_config_vector(c) != c {
+                    return Err(self.refused_vector("configuration", c));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn device_features(&self) -> Result<u64, DriverError> {
+        self.common_write(0x00, 4, 0);
+        let lo = self.common_read(0x04, 4);
+        self.common_write(0x00, 4, 1);
+        let hi = self.common_read(0x04, 4);
+        Ok(lo | (hi << 32))
+    }
+    fn set_driver_features(&self, f: u64) -> Result<(), DriverError> {
+        self.common_write(0x08, 4, 0);
+        self.common_write(0x0C, 4, f & 0xFFFF_FFFF);
+        self.common_write(0x08, 4, 1);
+        self.common_write(0x0C, 4, f >> 32);
+        Ok(())
+    }
+    fn num_queues(&self) -> Result<u16, DriverError> {
+        Ok(self.common_read(0x12, 2) as u16)
+    }
+    fn queue_max(&self, q: u16) -> Result<u16, DriverError> {
+        self.common_write(0x16, 2, u64::from(q));
+        Ok(self.common_read(0x18, 2) as u16)
+    }
+    fn setup_queue(
+        &self,
+        q: u16,
+        size: u16,
+        desc: u64,
+        driver: u64,
+        device: u64,
+    ) -> Result<(), DriverError> {
+        self.common_write(0x16, 2, u64::from(q));
+        self.common_write(0x18, 2, u64::from(size));
+        for (field, v) in [(0x20, desc), (0x28, driver), (0x30, device)] {
+            self.common_write(field, 4, v & 0xFFFF_FFFF);
+            self.common_write(field + 4, 4, v >> 32);
+        }
+        let off = self.common_read(0x1E, 2);
+        let addr = self.layout.notify + off * u64::from(self.layout.notify_multiplier);
+        lock_ignoring_poison(&self.notify_addrs).insert(q, addr);
+        let wanted = lock_ignoring_poison(&self.vectors)
+            .as_ref()
+            .map(|(_, qs)| qs.get(usize::from(q)).copied().unwrap_or(MSI_NO_VECTOR));
+        if let Some(v) = wanted {
+            if self.set_queue_vector(q, v) != v {
+                return Err(self.refused_vector("queue", v));
+            }
+        }
+        self.common_write(0x1C, 2, 1);
+        Ok(())
+    }
+    fn notify(&self, q: u16) -> Result<(), DriverError> {
+        let known = lock_ignoring_poison(&self.notify_addrs).get(&q).copied();
+        let addr = match known {
+            Some(a) => a,
+            None => {
+                self.common_write(0x16, 2, u64::from(q));
+                let off = self.common_read(0x1E, 2);
+                self.layout.notify + off * u64::from(self.layout.notify_multiplier)
+            }
+        };
+        self.mmio_write(addr, 2, u64::from(q));
+        Ok(())
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) -> Result<(), DriverError> {
+        let mut at = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let width = [4usize, 2, 1]
+                .into_iter()
+                .find(|&w| rest.len() >= w && at % w as u64 == 0)
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at_mut(width);
+            self.bus.mmio_read(self.layout.device + at, chunk);
+            at += width as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+    fn take_interrupt(&self) -> Result<u32, DriverError> {
+        Ok(self.mmio_read(self.layout.isr, 1) as u32)
+    }
+    fn config_generation(&self) -> Result<u32, DriverError> {
+        Ok(self.common_read(0x15, 1) as u32)
     }
 }
 

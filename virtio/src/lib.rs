@@ -6,7 +6,9 @@
 //!   virtqueues (implemented here) behind one [`Queue`] type, with
 //!   indirect descriptors and event-index suppression in both formats.
 //! - [`transport`]: virtio-mmio (version 2 register layout), as a
-//!   `vmkit-devices` bus device.
+//!   `vmkit-devices` bus device, and modern virtio-pci (vendor
+//!   capabilities, MSI-X per queue, INTx fallback, notify ioeventfds that
+//!   follow the BAR), as a `vmkit-devices` PCI function.
 //! - [`devices`]: block (raw file), net (tap or in-process pair), console
 //!   (stdio, file, Unix socket) and rng (host `getrandom`).
 //! - [`worker`]: epoll-driven device threads and the bounded queue-draining

@@ -25,11 +25,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_bindings::virtio_mmio::*;
 use vmkit_devices::{BusDevice, DeviceError, InterruptLine, IoAction};
 use vmkit_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{Activation, ActiveQueue, Interrupt, VirtioDevice, TRANSPORT_FEATURES};
-use crate::queue::{Queue, QueueConfig, RingFormat};
-use crate::{features, status};
+use super::common::{queue_eventfds, Core, RingAddress};
+use crate::device::{Interrupt, VirtioDevice};
+use crate::status;
 
 /// Size of the register window.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -39,16 +39,7 @@ pub const NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 const MAGIC: u32 = 0x7472_6976;
 const CONFIG_BASE: u64 = VIRTIO_MMIO_CONFIG as u64;
 
-/// Errors creating a transport.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    /// An eventfd could not be created.
-    #[error("cannot create queue notification eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
-    /// The device reports no queues or a queue size of zero.
-    #[error("device reports an invalid queue layout: {0}")]
-    Queues(String),
-}
+pub use super::TransportError;
 
 /// Options of a virtio-mmio transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,22 +119,9 @@ impl Interrupt for Shared {
     }
 }
 
-struct State {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    offered: u64,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    queues: Vec<QueueConfig>,
-    active: bool,
-}
-
 /// A virtio device behind the virtio-mmio register interface.
 pub struct MmioTransport {
-    state: Mutex<State>,
+    state: Mutex<Core>,
     shared: Arc<Shared>,
     notify: Vec<Arc<EventFd>>,
     device_type: u32,
@@ -168,39 +146,10 @@ impl MmioTransport {
         line: Arc<dyn InterruptLine>,
         options: MmioOptions,
     ) -> Result<Self, TransportError> {
-        let sizes = device.queue_max_sizes().to_vec();
-        if sizes.is_empty() || sizes.len() > usize::from(u16::MAX) {
-            return Err(TransportError::Queues(format!("{} queues", sizes.len())));
-        }
-        if let Some(bad) = sizes
-            .iter()
-            .find(|&&s| s == 0 || s > crate::queue::MAX_QUEUE_SIZE)
-        {
-            return Err(TransportError::Queues(format!("queue size {bad}")));
-        }
-        let notify = sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(TransportError::EventFd)?;
-        let mut offered = device.features() | TRANSPORT_FEATURES;
-        if options.packed_ring {
-            offered |= 1 << features::RING_PACKED;
-        }
+        let notify = queue_eventfds(device.queue_max_sizes())?;
         let device_type = device.device_type();
         Ok(Self {
-            state: Mutex::new(State {
-                device,
-                mem,
-                offered,
-                status: 0,
-                device_features_sel: 0,
-                driver_features_sel: 0,
-                driver_features: 0,
-                queue_sel: 0,
-                queues: sizes.iter().map(|&s| QueueConfig::new(s)).collect(),
-                active: false,
-            }),
+            state: Mutex::new(Core::new("virtio-mmio", device, mem, options.packed_ring)),
             shared: Arc::new(Shared {
                 isr: Mutex::new(0),
                 line,
@@ -240,25 +189,21 @@ impl MmioTransport {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Core> {
         // The state stays consistent between register accesses; a panic in
         // another thread cannot leave it half-updated in a way that matters
         // more than refusing all further access would.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn read_reg(&self, st: &State, offset: u32) -> u32 {
-        let q = st.queues.get(st.queue_sel as usize);
+    fn read_reg(&self, st: &Core, offset: u32) -> u32 {
+        let q = st.selected();
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
             VIRTIO_MMIO_VERSION => 2,
             VIRTIO_MMIO_DEVICE_ID => self.device_type,
             VIRTIO_MMIO_VENDOR_ID => self.vendor_id,
-            VIRTIO_MMIO_DEVICE_FEATURES => match st.device_features_sel {
-                0 => st.offered as u32,
-                1 => (st.offered >> 32) as u32,
-                _ => 0,
-            },
+            VIRTIO_MMIO_DEVICE_FEATURES => st.device_features_word(),
             VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
             VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
             VIRTIO_MMIO_INTERRUPT_STATUS => *self.shared.lock_isr(),
@@ -268,44 +213,21 @@ impl MmioTransport {
         }
     }
 
-    /// Queue registers may change only between FEATURES_OK and DRIVER_OK,
-    /// and only while the queue is not enabled (virtio 1.2, 4.2.3.2).
-    fn queue_writable(st: &State) -> Option<usize> {
-        let sel = st.queue_sel as usize;
-        let q = st.queues.get(sel)?;
-        let phase_ok = st.status & status::FEATURES_OK != 0 && st.status & status::DRIVER_OK == 0;
-        (phase_ok && !q.ready).then_some(sel)
-    }
-
-    fn write_reg(&self, st: &mut State, offset: u32, v: u32) {
+    fn write_reg(&self, st: &mut Core, offset: u32, v: u32) {
         match offset {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => st.device_features_sel = v,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => st.driver_features_sel = v,
-            VIRTIO_MMIO_DRIVER_FEATURES => {
-                if st.status & status::DRIVER == 0 || st.status & status::FEATURES_OK != 0 {
-                    log::warn!("virtio-mmio: driver features written outside negotiation");
-                    return;
-                }
-                match st.driver_features_sel {
-                    0 => st.driver_features = (st.driver_features & !0xffff_ffff) | u64::from(v),
-                    1 => {
-                        st.driver_features =
-                            (st.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                    }
-                    _ => {}
-                }
-            }
+            VIRTIO_MMIO_DRIVER_FEATURES => st.write_driver_features(v),
             VIRTIO_MMIO_QUEUE_SEL => st.queue_sel = v,
             VIRTIO_MMIO_QUEUE_NUM => {
-                if let Some(i) = Self::queue_writable(st) {
+                if let Some(q) = st.queue_writable() {
                     // Checked against the maximum at DRIVER_OK.
-                    st.queues[i].size = u16::try_from(v).unwrap_or(0);
+                    q.size = u16::try_from(v).unwrap_or(0);
                 }
             }
             VIRTIO_MMIO_QUEUE_READY => {
                 let sel = st.queue_sel as usize;
-                let phase_ok =
-                    st.status & status::FEATURES_OK != 0 && st.status & status::DRIVER_OK == 0;
+                let phase_ok = st.queue_phase();
                 if let (true, Some(q)) = (phase_ok, st.queues.get_mut(sel)) {
                     q.ready = v == 1;
                 }
@@ -321,128 +243,27 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.shared.ack(v),
             VIRTIO_MMIO_STATUS => self.write_status(st, v),
-            VIRTIO_MMIO_QUEUE_DESC_LOW
-            | VIRTIO_MMIO_QUEUE_DESC_HIGH
-            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
-            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
-            | VIRTIO_MMIO_QUEUE_USED_LOW
-            | VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                let Some(i) = Self::queue_writable(st) else {
-                    return;
-                };
-                let q = &mut st.queues[i];
-                let (field, high) = match offset {
-                    VIRTIO_MMIO_QUEUE_DESC_LOW => (&mut q.desc, false),
-                    VIRTIO_MMIO_QUEUE_DESC_HIGH => (&mut q.desc, true),
-                    VIRTIO_MMIO_QUEUE_AVAIL_LOW => (&mut q.driver, false),
-                    VIRTIO_MMIO_QUEUE_AVAIL_HIGH => (&mut q.driver, true),
-                    VIRTIO_MMIO_QUEUE_USED_LOW => (&mut q.device, false),
-                    _ => (&mut q.device, true),
-                };
-                *field = if high {
-                    (*field & 0xffff_ffff) | (u64::from(v) << 32)
-                } else {
-                    (*field & !0xffff_ffff) | u64::from(v)
-                };
-            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW => st.write_ring_address(RingAddress::Desc, false, v),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => st.write_ring_address(RingAddress::Desc, true, v),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => st.write_ring_address(RingAddress::Driver, false, v),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => st.write_ring_address(RingAddress::Driver, true, v),
+            VIRTIO_MMIO_QUEUE_USED_LOW => st.write_ring_address(RingAddress::Device, false, v),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => st.write_ring_address(RingAddress::Device, true, v),
             _ => log::debug!("virtio-mmio: write of {v:#x} to register {offset:#x} ignored"),
         }
     }
 
-    fn reset(&self, st: &mut State) {
-        st.device.reset();
-        st.active = false;
-        st.status = 0;
-        st.device_features_sel = 0;
-        st.driver_features_sel = 0;
-        st.driver_features = 0;
-        st.queue_sel = 0;
-        for q in &mut st.queues {
-            q.reset();
-        }
-        for fd in &self.notify {
-            crate::worker::drain_eventfd(fd);
-        }
+    fn reset(&self, st: &mut Core) {
+        st.reset(&self.notify);
         self.shared.needs_reset.store(false, Ordering::Release);
         self.shared.clear();
     }
 
-    fn write_status(&self, st: &mut State, v: u32) {
+    fn write_status(&self, st: &mut Core, v: u32) {
         if v == 0 {
             self.reset(st);
-            return;
-        }
-        if v & st.status != st.status {
-            log::warn!(
-                "virtio-mmio: driver cleared status bits ({:#x} -> {v:#x}); ignored",
-                st.status
-            );
-            return;
-        }
-        let new = v & !st.status;
-        let mut accepted = v;
-        if new & status::FEATURES_OK != 0 {
-            let unknown = st.driver_features & !st.offered;
-            let modern = st.driver_features & (1 << features::VERSION_1) != 0;
-            if unknown != 0 || !modern {
-                log::warn!(
-                    "virtio-mmio: features {:#x} refused (unknown {unknown:#x}, VERSION_1 {modern})",
-                    st.driver_features
-                );
-                accepted &= !status::FEATURES_OK;
-            }
-        }
-        if new & status::DRIVER_OK != 0 {
-            if accepted & status::FEATURES_OK == 0 {
-                log::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK; ignored");
-                accepted &= !status::DRIVER_OK;
-            } else {
-                st.status = accepted;
-                self.activate(st);
-                return;
-            }
-        }
-        st.status = accepted;
-    }
-
-    fn activate(&self, st: &mut State) {
-        let format = if st.driver_features & (1 << features::RING_PACKED) != 0 {
-            RingFormat::Packed
         } else {
-            RingFormat::Split
-        };
-        let event_idx = st.driver_features & (1 << features::RING_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(st.queues.len());
-        for (i, cfg) in st.queues.iter().enumerate() {
-            if !cfg.ready {
-                queues.push(None);
-                continue;
-            }
-            // i < number of queues ≤ u16::MAX (checked in new).
-            match Queue::new(i as u16, cfg, format, event_idx, &st.mem) {
-                Ok(queue) => queues.push(Some(ActiveQueue {
-                    queue,
-                    notify: self.notify[i].clone(),
-                })),
-                Err(e) => {
-                    log::warn!("virtio-mmio: {e}");
-                    self.shared.needs_reset();
-                    return;
-                }
-            }
-        }
-        let activation = Activation {
-            mem: st.mem.clone(),
-            features: st.driver_features,
-            queues,
-            interrupt: self.shared.clone(),
-        };
-        match st.device.activate(activation) {
-            Ok(()) => st.active = true,
-            Err(e) => {
-                log::error!("virtio-mmio: device activation failed: {e}");
-                self.shared.needs_reset();
-            }
+            st.write_status(v, &self.notify, self.shared.clone());
         }
     }
 }
