@@ -25,23 +25,32 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vmkit_devices::interrupt::InterruptLine;
+use vmkit_devices::interrupt::{InterruptLine, MsiVectors};
+use vmkit_devices::pci::{
+    PciAddress, PciRoot, PciWindows, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, DEVICES_PER_BUS,
+    ECAM_BUS_SIZE,
+};
 use vmkit_devices::{BootTimer, IoBus, Rtc, Serial, I8042};
 use vmkit_memory::layout::E820Kind;
 use vmkit_memory::MemoryLayout;
-use vmkit_vcpu::kvm_ioctls::IoEventAddress;
+use vmkit_vcpu::kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vmkit_vcpu::{
     CpuidConfig, IrqLine, ResampleWorker, StopReason, SystemEvent, Vcpu, VcpuHandle, Vm, VmConfig,
 };
-use vmkit_virtio::devices::{Block, BlockOptions, Rng};
-use vmkit_virtio::transport::mmio::{MmioOptions, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use vmkit_virtio::devices::{
+    Block, BlockOptions, Console, ConsoleBackend, ConsoleOptions, FdConsole, Net, NetOptions, Rng,
+    SocketConsole, Tap,
+};
+use vmkit_virtio::transport::mmio::{self, MmioOptions, MmioTransport};
+use vmkit_virtio::transport::pci::{NotifyRegistrar, PciOptions, PciTransport};
 use vmkit_virtio::VirtioDevice;
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, MmioDevice, Platform};
+use crate::acpi::{self, MmioDevice, PciHost, Platform};
 use crate::boot;
 use crate::mptable;
 use crate::terminal::{self, RawMode};
-use crate::{Args, Error, Transport};
+use crate::{Args, ConsoleKind, Error, Transport, VconsoleArg};
 
 const COM1: u64 = 0x3f8;
 const COM1_GSI: u32 = 4;
@@ -55,9 +64,37 @@ const VIRTIO_FIRST_GSI: u32 = 16;
 /// KVM's I/O APIC has 24 pins.
 const IOAPIC_PINS: u32 = 24;
 const BOOT_TIMER_ADDR: u64 = 0xD100_0000;
+/// PCI: ECAM for bus 0, the BAR windows and the INTx GSIs.
+const ECAM_BASE: u64 = 0xE000_0000;
+const PCI_IO_WINDOW: (u64, u64) = (0x1000, 0xF000);
+const PCI_MEM32_WINDOW: (u64, u64) = (0xC000_0000, 0x1000_0000);
+const PCI_MEM64_MIN_BASE: u64 = 64 << 30;
+const PCI_MEM64_SIZE: u64 = 64 << 30;
+const PCI_INTX_GSIS: &[u32] = &[16, 17, 18, 19];
 /// The least RAM minivmm starts a guest with: the kernel is loaded at
 /// 16 MiB and needs room above it.
 const MIN_MEMORY: u64 = 64 << 20;
+
+/// Keeps virtio-pci notify addresses registered as KVM ioeventfds while
+/// the guest moves BARs.
+struct KvmNotify(Arc<Vm>);
+
+impl NotifyRegistrar for KvmNotify {
+    fn register(&self, addr: u64, _len: u32, fd: &EventFd) -> std::io::Result<()> {
+        // Any write width at `addr` (Linux writes the 16-bit queue index).
+        self.0
+            .fd()
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister(&self, addr: u64, _len: u32, fd: &EventFd) -> std::io::Result<()> {
+        self.0
+            .fd()
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
 
 /// What ends the run.
 #[derive(Debug)]
@@ -159,18 +196,57 @@ fn virtio_devices(args: &Args) -> Result<Vec<NamedDevice>, Error> {
             Box::new(block),
         ));
     }
-    if !args.net.is_empty() {
-        return Err(Error::Net(
-            "virtio-net is not available in this build of minivmm yet".into(),
-        ));
+    for (i, net) in args.net.iter().enumerate() {
+        let tap = Tap::open(&net.tap).map_err(|e| {
+            Error::Net(format!(
+                "tap {}: {e} (does it exist, and may this user open it?)",
+                net.tap
+            ))
+        })?;
+        // A fixed locally administered MAC per device unless one is given.
+        let mac = net.mac.unwrap_or([0x02, 0x76, 0x6d, 0x6b, 0x00, i as u8]);
+        let options = NetOptions {
+            mac: Some(mac),
+            ..Default::default()
+        };
+        let device = Net::new(Box::new(tap), options)
+            .map_err(|e| Error::Net(format!("{}: {e}", net.tap)))?;
+        devices.push((format!("virtio-net {}", net.tap), Box::new(device)));
     }
     if args.rng {
         devices.push(("virtio-rng".into(), Box::new(Rng::new())));
     }
-    if args.vconsole.is_some() || args.console == crate::ConsoleKind::Virtio {
-        return Err(Error::Console(
-            "virtio-console is not available in this build of minivmm yet".into(),
-        ));
+    if args.console == ConsoleKind::Virtio {
+        let backend =
+            FdConsole::stdio().map_err(|e| Error::Console(format!("stdin/stdout: {e}")))?;
+        let console = Console::new(Box::new(backend), ConsoleOptions::default())
+            .map_err(|e| Error::Console(e.to_string()))?;
+        devices.push(("virtio-console (stdio)".into(), Box::new(console)));
+    }
+    if let Some(vconsole) = &args.vconsole {
+        let (name, backend): (String, Box<dyn ConsoleBackend>) = match vconsole {
+            VconsoleArg::Socket(path) => {
+                // A stale socket file from an earlier run would make bind fail.
+                let _ = std::fs::remove_file(path);
+                let b = SocketConsole::listen(path)
+                    .map_err(|e| Error::Console(format!("socket {}: {e}", path.display())))?;
+                (
+                    format!("virtio-console (socket {})", path.display()),
+                    Box::new(b),
+                )
+            }
+            VconsoleArg::File(path) => {
+                let b = FdConsole::file(path)
+                    .map_err(|e| Error::Console(format!("file {}: {e}", path.display())))?;
+                (
+                    format!("virtio-console (file {})", path.display()),
+                    Box::new(b),
+                )
+            }
+        };
+        let console = Console::new(backend, ConsoleOptions::default())
+            .map_err(|e| Error::Console(e.to_string()))?;
+        devices.push((name, Box::new(console)));
     }
     Ok(devices)
 }
@@ -185,43 +261,60 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
             MIN_MEMORY >> 20
         )));
     }
-    if args.transport == Transport::Pci {
-        return Err(Error::Device(
-            "the virtio-pci transport is not available in this build of minivmm yet".into(),
-        ));
-    }
     let devices = virtio_devices(args)?;
-    let max_devices = (IOAPIC_PINS - VIRTIO_FIRST_GSI) as usize;
+    let n_devices = devices.len();
+    let max_devices = match args.transport {
+        Transport::Mmio => (IOAPIC_PINS - VIRTIO_FIRST_GSI) as usize,
+        // Device 0 is the host bridge.
+        Transport::Pci => usize::from(DEVICES_PER_BUS) - 1,
+    };
     if devices.len() > max_devices {
         return Err(Error::Device(format!(
-            "{} virtio-mmio devices; at most {max_devices} have an interrupt pin",
-            devices.len()
+            "{} virtio devices; at most {max_devices} fit on the {:?} transport",
+            devices.len(),
+            args.transport
         )));
     }
 
     // Memory and the guest image.
     let mut layout = MemoryLayout::new(args.memory).map_err(|e| Error::Memory(e.to_string()))?;
-    layout
-        .reserve(
-            VIRTIO_MMIO_BASE,
-            VIRTIO_MMIO_STRIDE * devices.len().max(1) as u64,
-            E820Kind::Reserved,
-        )
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    let (mmio, pci) = match args.transport {
+        Transport::Mmio => {
+            let mmio: Vec<MmioDevice> = (0..devices.len())
+                .map(|i| MmioDevice {
+                    base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE,
+                    len: VIRTIO_MMIO_STRIDE,
+                    gsi: VIRTIO_FIRST_GSI + i as u32,
+                })
+                .collect();
+            (mmio, None)
+        }
+        Transport::Pci => {
+            // Linux uses ECAM only where the e820 map reserves it.
+            layout
+                .reserve(ECAM_BASE, ECAM_BUS_SIZE, E820Kind::Reserved)
+                .map_err(|e| Error::Memory(e.to_string()))?;
+            let mem64_base = layout
+                .ram_end()
+                .max(PCI_MEM64_MIN_BASE)
+                .next_multiple_of(1 << 30);
+            let host = PciHost {
+                ecam: ECAM_BASE,
+                io: PCI_IO_WINDOW,
+                mem32: PCI_MEM32_WINDOW,
+                mem64: (mem64_base, PCI_MEM64_SIZE),
+                intx: PCI_INTX_GSIS,
+            };
+            (Vec::new(), Some(host))
+        }
+    };
     let memory = layout
         .create_memory(&Default::default())
         .map_err(|e| Error::Memory(e.to_string()))?;
-    let mmio: Vec<MmioDevice> = (0..devices.len())
-        .map(|i| MmioDevice {
-            base: VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE,
-            len: VIRTIO_MMIO_STRIDE,
-            gsi: VIRTIO_FIRST_GSI + i as u32,
-        })
-        .collect();
     let platform = Platform {
         cpus: args.cpus,
         mmio: mmio.clone(),
-        pci: None,
+        pci,
     };
     let rsdp = acpi::write_tables(&memory, &platform)?;
     mptable::write(&memory, args.cpus)?;
@@ -277,35 +370,89 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         eprintln!("minivmm: boot timer at {BOOT_TIMER_ADDR:#x} (write 123 there)");
     }
 
-    // virtio-mmio devices: notifications through ioeventfds, interrupts
-    // through level irqfds.
+    // virtio devices: notifications through ioeventfds, interrupts through
+    // level irqfds (virtio-mmio, PCI INTx) or MSI routes (MSI-X).
+    let vm = Arc::new(vm);
     let mut lines: Vec<Arc<IrqLine>> = Vec::new();
-    let mut transports = Vec::new();
-    for ((name, device), slot) in devices.into_iter().zip(&mmio) {
-        let line = vm
-            .level_irq_line(slot.gsi)
-            .map_err(kvm("virtio interrupt"))?;
-        lines.push(line.clone());
-        let transport = Arc::new(
-            MmioTransport::new(
-                device,
-                memory.clone(),
-                line as Arc<dyn InterruptLine>,
-                MmioOptions::default(),
-            )
-            .map_err(|e| Error::Device(format!("{name}: {e}")))?,
-        );
-        for (queue, fd) in transport.notify_eventfds().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(
-                    fd,
-                    &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(kvm("registering a queue ioeventfd"))?;
+    let mut transports: Vec<Arc<dyn Send + Sync>> = Vec::new();
+    match pci {
+        None => {
+            for ((name, device), slot) in devices.into_iter().zip(&mmio) {
+                let line = vm
+                    .level_irq_line(slot.gsi)
+                    .map_err(kvm("virtio interrupt"))?;
+                lines.push(line.clone());
+                let transport = Arc::new(
+                    MmioTransport::new(
+                        device,
+                        memory.clone(),
+                        line as Arc<dyn InterruptLine>,
+                        MmioOptions::default(),
+                    )
+                    .map_err(|e| Error::Device(format!("{name}: {e}")))?,
+                );
+                for (queue, fd) in transport.notify_eventfds().iter().enumerate() {
+                    vm.fd()
+                        .register_ioevent(
+                            fd,
+                            &IoEventAddress::Mmio(slot.base + mmio::NOTIFY_OFFSET),
+                            queue as u32,
+                        )
+                        .map_err(kvm("registering a queue ioeventfd"))?;
+                }
+                insert("mmio", slot.base, mmio::MMIO_SIZE, transport.clone())?;
+                transports.push(transport);
+            }
         }
-        insert("mmio", slot.base, MMIO_SIZE, transport.clone())?;
-        transports.push(transport);
+        Some(host) => {
+            let root = PciRoot::new(
+                &bus,
+                PciWindows {
+                    io: host.io,
+                    mem32: host.mem32,
+                    mem64: host.mem64,
+                },
+            )
+            .map_err(|e| Error::Device(format!("PCI root complex: {e}")))?;
+            insert(
+                "pio",
+                u64::from(CONFIG_ADDRESS_PORT),
+                CONFIG_IO_LEN,
+                root.config_io_device(),
+            )?;
+            insert("mmio", host.ecam, ECAM_BUS_SIZE, root.ecam_device())?;
+            let registrar: Arc<dyn NotifyRegistrar> = Arc::new(KvmNotify(vm.clone()));
+            for (i, (name, device)) in devices.into_iter().enumerate() {
+                // Device numbers from 1 (0 is the host bridge), as the
+                // DSDT's _PRT assumes.
+                let number =
+                    u8::try_from(i + 1).map_err(|_| Error::Device("too many devices".into()))?;
+                let address = PciAddress::new(0, number, 0)
+                    .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+                let gsi = host.intx[usize::from(number) % host.intx.len()];
+                let line = vm.level_irq_line(gsi).map_err(kvm("PCI INTx"))?;
+                lines.push(line.clone());
+                let vectors = u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX);
+                let msi = vm.msi_vectors(vectors).map_err(kvm("MSI-X vectors"))?;
+                let transport = Arc::new(
+                    PciTransport::new(
+                        device,
+                        memory.clone(),
+                        line as Arc<dyn InterruptLine>,
+                        msi as Arc<dyn MsiVectors>,
+                        PciOptions {
+                            registrar: Some(registrar.clone()),
+                            ..Default::default()
+                        },
+                    )
+                    .map_err(|e| Error::Device(format!("{name}: {e}")))?,
+                );
+                root.add_device_at(address, transport.clone())
+                    .map_err(|e| Error::Device(format!("{name} at {address}: {e}")))?;
+                transports.push(transport);
+            }
+            transports.push(root);
+        }
     }
     let _resample = ResampleWorker::spawn(lines).map_err(kvm("interrupt resampling"))?;
 
@@ -338,17 +485,20 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         vcpus.push(vcpu);
     }
     eprintln!(
-        "minivmm: {} MiB, {} vCPU(s), {} virtio-mmio device(s); kernel entered by {}",
+        "minivmm: {} MiB, {} vCPU(s), {} virtio device(s) on {:?}; kernel entered by {}",
         args.memory >> 20,
         args.cpus,
-        transports.len(),
+        n_devices,
+        args.transport,
         boot.protocol
     );
 
     terminal::catch_signals().map_err(Error::Device)?;
     let raw = RawMode::enter();
     let stop_input = Arc::new(AtomicBool::new(false));
-    stdin_to_serial(serial.clone(), stop_input.clone());
+    if args.console == ConsoleKind::Serial {
+        stdin_to_serial(serial.clone(), stop_input.clone());
+    }
 
     let (tx, rx) = mpsc::channel();
     let mut handles: Vec<VcpuHandle> = Vec::new();

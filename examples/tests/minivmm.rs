@@ -88,6 +88,7 @@ fn guest() -> Vec<u8> {
     // 32-bit code cannot take a label's address RIP-relatively: the strings
     // live at fixed addresses after the code.
     let (s_magic, s_rsdp, s_e820, s_nl) = (STRINGS, STRINGS + 16, STRINGS + 32, STRINGS + 48);
+    let (s_pci, s_no_pci) = (STRINGS + 64, STRINGS + 80);
 
     // PVH gives no stack.
     a.mov(esp, 0x9_0000u32).unwrap();
@@ -128,6 +129,23 @@ fn guest() -> Vec<u8> {
     a.jne(bad).unwrap();
     a.mov(esi, s_e820).unwrap();
     puts(&mut a, putc_fn).unwrap();
+    // PCI 00:01.0's vendor and device IDs through ports 0xCF8/0xCFC:
+    // virtio-blk (modern) is 1AF4:1042; without a root complex the read
+    // floats to all ones.
+    let mut no_pci = a.create_label();
+    a.mov(dx, 0xcf8u32).unwrap();
+    a.mov(eax, 0x8000_0800u32).unwrap();
+    a.out(dx, eax).unwrap();
+    a.mov(dx, 0xcfcu32).unwrap();
+    a.in_(eax, dx).unwrap();
+    a.cmp(eax, 0x1042_1af4u32).unwrap();
+    a.jne(no_pci).unwrap();
+    a.mov(esi, s_pci).unwrap();
+    puts(&mut a, putc_fn).unwrap();
+    a.jmp(reset).unwrap();
+    a.set_label(&mut no_pci).unwrap();
+    a.mov(esi, s_no_pci).unwrap();
+    puts(&mut a, putc_fn).unwrap();
     a.jmp(reset).unwrap();
 
     a.set_label(&mut bad).unwrap();
@@ -146,7 +164,14 @@ fn guest() -> Vec<u8> {
     let mut image = a.assemble(u64::from(LOAD)).unwrap();
     assert!(image.len() <= (STRINGS - LOAD) as usize);
     image.resize((STRINGS - LOAD) as usize, 0);
-    for text in [&b"PVH-MAGIC-OK\n"[..], b"RSDP-OK\n", b"E820-OK\n", b"\n"] {
+    for text in [
+        &b"PVH-MAGIC-OK\n"[..],
+        b"RSDP-OK\n",
+        b"E820-OK\n",
+        b"\n",
+        b"PCI-BLK-OK\n",
+        b"NO-PCI\n",
+    ] {
         let mut slot = [0u8; 16];
         slot[..text.len()].copy_from_slice(text);
         image.extend_from_slice(&slot);
@@ -243,12 +268,11 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-#[test]
-fn boots_a_pvh_image_and_exits_on_guest_reboot() {
+fn boot(transport: &str, pci_line: &str) {
     if !kvm_available() {
         return;
     }
-    let s = Scratch::new("pvh");
+    let s = Scratch::new(transport);
     let kernel = s.file("kernel.elf", &pvh_elf(&guest()));
     let initrd = s.file("initrd", b"INITRD-CONTENTS-OK\0");
     let disk = s.file("disk.img", &vec![0u8; 1 << 20]);
@@ -266,6 +290,8 @@ fn boots_a_pvh_image_and_exits_on_guest_reboot() {
         "--disk",
         p(&disk),
         "--rng",
+        "--transport",
+        transport,
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -280,6 +306,7 @@ fn boots_a_pvh_image_and_exits_on_guest_reboot() {
         "INITRD-CONTENTS-OK",
         "RSDP-OK",
         "E820-OK",
+        pci_line,
     ] {
         assert!(
             stdout.contains(expected),
@@ -291,7 +318,17 @@ fn boots_a_pvh_image_and_exits_on_guest_reboot() {
         "the guest found a bad field:\n{stdout}"
     );
     assert!(stderr.contains("rebooted"), "{stderr}");
-    assert!(stderr.contains("2 virtio-mmio device(s)"), "{stderr}");
+    assert!(stderr.contains("2 virtio device(s)"), "{stderr}");
+}
+
+#[test]
+fn boots_a_pvh_image_over_mmio_and_exits_on_guest_reboot() {
+    boot("mmio", "NO-PCI");
+}
+
+#[test]
+fn boots_a_pvh_image_with_pci_and_finds_the_disk_in_config_space() {
+    boot("pci", "PCI-BLK-OK");
 }
 
 /// One line on stderr, starting with "minivmm: ", exit status 1.
