@@ -1,0 +1,733 @@
+//! `xtask lab-agent`: the orchestrator inside L1.
+//!
+//! It reads its plan from L1's kernel command line, creates the tap L2's
+//! network card uses, serves the network payload, and for each planned run:
+//! writes the disk image's read pattern, starts the VMM, connects to the
+//! virtio-console socket the VMM listens on, timestamps every line L2 prints (monotonic clock,
+//! from just before the VMM starts), collects L2's check markers, kills the
+//! VMM if it overruns its time, checks the disk pattern L2 wrote, and prints
+//! one machine-readable result line for L0.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::net::{Shutdown, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::lab::protocol::{self, CheckStatus, Plan, PlanEntry, RunResult, Transport, Vmm};
+use crate::lab::{io_err, patterns, LabError};
+
+/// Where the agent keeps per-run files in L1.
+const WORK_DIR: &str = "/tmp/lab";
+/// The kernel and initramfs for L2, as L1's init script finds them.
+const L2_KERNEL: &str = "/lab/vmlinux";
+const L2_INITRD: &str = "/lab/l2.cpio";
+const MINIVMM: &str = "/lab/minivmm";
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// `TUNSETIFF`: attach to (or create) a tun/tap device (`_IOW('T', 202, int)`).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETPERSIST`: keep the device when its last file closes.
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+
+/// `struct ifreq`: a name and a 24-byte union (flags or a `sockaddr`).
+#[repr(C)]
+#[derive(Debug)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> Result<Self, LabError> {
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        let bytes = name.as_bytes();
+        let slot = req
+            .name
+            .get_mut(..bytes.len())
+            .filter(|_| bytes.len() < libc::IFNAMSIZ)
+            .ok_or_else(|| LabError::Usage(format!("interface name {name:?} too long")))?;
+        slot.copy_from_slice(bytes);
+        Ok(req)
+    }
+
+    /// Puts an IPv4 `sockaddr_in` into the union.
+    fn set_ipv4(&mut self, addr: [u8; 4]) {
+        self.data = [0; 24];
+        let family = (libc::AF_INET as u16).to_ne_bytes();
+        self.data[..2].copy_from_slice(&family);
+        self.data[4..8].copy_from_slice(&addr);
+    }
+}
+
+/// One `ioctl` on an interface request, with the error named.
+fn ifreq_ioctl(
+    fd: &impl AsRawFd,
+    request: libc::c_ulong,
+    req: &mut IfReq,
+    what: &str,
+) -> Result<(), LabError> {
+    // SAFETY: every request used here (TUNSETIFF and the SIOC[GS]IF* family)
+    // reads or writes at most a `struct ifreq`, which `IfReq` lays out with
+    // the kernel's size (16 + 24 bytes); `req` is exclusively borrowed and
+    // outlives the call, and `fd` is an open descriptor.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, req as *mut IfReq) };
+    if rc < 0 {
+        return Err(io_err(what.to_string())(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Creates the persistent tap `name`, gives it `addr`/24 and brings it up.
+fn create_tap(name: &str, addr: [u8; 4]) -> Result<(), LabError> {
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(io_err("opening /dev/net/tun"))?;
+    let mut req = IfReq::new(name)?;
+    req.data[..2].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+    ifreq_ioctl(&tun, TUNSETIFF, &mut req, "TUNSETIFF")?;
+    // SAFETY: TUNSETPERSIST takes its argument by value (an integer, not a
+    // pointer); `tun` is an open tun file attached to the device above.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) };
+    if rc < 0 {
+        return Err(io_err("TUNSETPERSIST")(std::io::Error::last_os_error()));
+    }
+    drop(tun);
+
+    // Any AF_INET socket will do for the interface ioctls.
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(io_err("creating an AF_INET socket"))?;
+    let mut req = IfReq::new(name)?;
+    req.set_ipv4(addr);
+    ifreq_ioctl(&sock, libc::SIOCSIFADDR, &mut req, "SIOCSIFADDR")?;
+    req.set_ipv4([255, 255, 255, 0]);
+    ifreq_ioctl(&sock, libc::SIOCSIFNETMASK, &mut req, "SIOCSIFNETMASK")?;
+    let mut req = IfReq::new(name)?;
+    ifreq_ioctl(&sock, libc::SIOCGIFFLAGS, &mut req, "SIOCGIFFLAGS")?;
+    let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) | libc::IFF_UP as i16;
+    req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ifreq_ioctl(&sock, libc::SIOCSIFFLAGS, &mut req, "SIOCSIFFLAGS")?;
+    Ok(())
+}
+
+/// A background thread that stops when told to.
+#[derive(Debug)]
+struct Worker {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU32>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn count(&self) -> u32 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn stop(mut self) -> u32 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.count()
+    }
+}
+
+/// Serves the payload to every TCP connection on the payload port.
+fn payload_server() -> Result<Worker, LabError> {
+    let listener = TcpListener::bind(("0.0.0.0", protocol::PAYLOAD_PORT))
+        .map_err(io_err("binding the payload port"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("payload listener"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU32::new(0));
+    let (stop2, count2) = (stop.clone(), count.clone());
+    let payload = patterns::payload();
+    let handle = std::thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    let sent = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(10))))
+                        .and_then(|()| stream.write_all(&payload))
+                        .and_then(|()| stream.shutdown(Shutdown::Write));
+                    match sent {
+                        Ok(()) => {
+                            count2.fetch_add(1, Ordering::SeqCst);
+                            println!(
+                                "lab-agent: served {} payload bytes to {peer}",
+                                payload.len()
+                            );
+                        }
+                        Err(e) => println!("lab-agent: payload to {peer} failed: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => {
+                    println!("lab-agent: payload accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    });
+    Ok(Worker {
+        stop,
+        count,
+        handle: Some(handle),
+    })
+}
+
+/// Connects to the virtio-console socket the VMM listens on (retrying
+/// until the VMM has created it) and answers each `VMKIT-PING <token>` line
+/// with `VMKIT-PONG <token>`.
+fn console_client(path: &Path) -> Result<Worker, LabError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("removing {}", path.display()))(e)),
+    }
+    let path = path.to_path_buf();
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU32::new(0));
+    let (stop2, count2) = (stop.clone(), count.clone());
+    let handle = std::thread::spawn(move || {
+        let mut conn = None;
+        while !stop2.load(Ordering::SeqCst) && conn.is_none() {
+            match UnixStream::connect(&path) {
+                Ok(s) => conn = Some(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        let Some(mut stream) = conn else { return };
+        if stream.set_nonblocking(false).is_err()
+            || stream
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .is_err()
+        {
+            return;
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !stop2.load(Ordering::SeqCst) {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => pending.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => break,
+            }
+            // Bounded: each pass removes one line; a guest can't make a line longer than 64 KiB.
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                println!("lab-agent: hvc0 <- {text}");
+                if let Some(token) = text.strip_prefix("VMKIT-PING ") {
+                    if stream
+                        .write_all(format!("VMKIT-PONG {token}\n").as_bytes())
+                        .is_ok()
+                    {
+                        count2.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            if pending.len() > 64 << 10 {
+                pending.clear();
+            }
+        }
+    });
+    Ok(Worker {
+        stop,
+        count,
+        handle: Some(handle),
+    })
+}
+
+/// The VMM command line for one run.
+fn vmm_command(entry: &PlanEntry, disk: &Path, socket: &Path) -> Command {
+    let l2_cmdline = protocol::L2_CMDLINE;
+    match entry.vmm {
+        Vmm::Minivmm => {
+            let mut c = Command::new(MINIVMM);
+            c.args([
+                "--kernel",
+                L2_KERNEL,
+                "--initrd",
+                L2_INITRD,
+                "--cmdline",
+                l2_cmdline,
+            ])
+            .args([
+                "--memory",
+                protocol::L2_MEMORY,
+                "--cpus",
+                &entry.cpus.to_string(),
+            ])
+            .arg("--disk")
+            .arg(disk)
+            .args([
+                "--net",
+                &format!("tap={},mac={}", protocol::TAP_NAME, protocol::GUEST_MAC),
+            ])
+            .args(["--rng", "--console", "serial"])
+            .arg("--vconsole")
+            .arg(format!("socket={}", socket.display()))
+            .args(["--transport", &entry.transport.to_string(), "--boot-timer"]);
+            c
+        }
+        Vmm::Qemu => {
+            let (machine, bus) = match entry.transport {
+                Transport::Mmio => ("microvm,rtc=on,acpi=on", "device"),
+                Transport::Pci => ("microvm,rtc=on,acpi=on,pcie=on", "pci"),
+            };
+            let rom = if entry.transport == Transport::Pci {
+                ",romfile="
+            } else {
+                ""
+            };
+            let mut c = Command::new(QEMU);
+            c.args(["-enable-kvm", "-M", machine, "-cpu", "host,-xsave"])
+                .args(["-smp", &entry.cpus.to_string(), "-m", protocol::L2_MEMORY])
+                .args([
+                    "-nographic",
+                    "-serial",
+                    "stdio",
+                    "-monitor",
+                    "none",
+                    "-no-reboot",
+                ])
+                .args([
+                    "-kernel", L2_KERNEL, "-initrd", L2_INITRD, "-append", l2_cmdline,
+                ])
+                .arg("-drive")
+                .arg(format!(
+                    "id=disk0,file={},format=raw,if=none",
+                    disk.display()
+                ))
+                .args(["-device", &format!("virtio-blk-{bus},drive=disk0")])
+                .args([
+                    "-netdev",
+                    &format!(
+                        "tap,id=net0,ifname={},script=no,downscript=no",
+                        protocol::TAP_NAME
+                    ),
+                ])
+                .args([
+                    "-device",
+                    &format!(
+                        "virtio-net-{bus},netdev=net0,mac={}{rom}",
+                        protocol::GUEST_MAC
+                    ),
+                ])
+                .args(["-object", "rng-random,id=rng0,filename=/dev/urandom"])
+                .args(["-device", &format!("virtio-rng-{bus},rng=rng0")])
+                .arg("-chardev")
+                .arg(format!(
+                    "socket,id=vcon0,path={},server=on,wait=off",
+                    socket.display()
+                ))
+                .args(["-device", &format!("virtio-serial-{bus},max_ports=1")])
+                .args(["-device", "virtconsole,chardev=vcon0"]);
+            c
+        }
+    }
+}
+
+/// A fresh disk image: the read pattern at 0, zeros elsewhere.
+fn prepare_disk(path: &Path) -> Result<(), LabError> {
+    let mut f = File::create(path).map_err(io_err(format!("creating {}", path.display())))?;
+    f.write_all(&patterns::blk_read_pattern())
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    f.set_len(patterns::DISK_SIZE)
+        .map_err(io_err(format!("sizing {}", path.display())))?;
+    f.sync_all()
+        .map_err(io_err(format!("syncing {}", path.display())))
+}
+
+/// Whether L2 left its write pattern on the disk.
+fn verify_disk(path: &Path) -> CheckStatus {
+    let mut got = vec![0u8; patterns::BLK_WRITE_LEN];
+    let read = File::open(path)
+        .and_then(|mut f| {
+            f.seek(SeekFrom::Start(patterns::BLK_WRITE_OFFSET))
+                .map(|_| f)
+        })
+        .and_then(|mut f| f.read_exact(&mut got));
+    match read {
+        Err(e) => CheckStatus::Fail(format!("reading {}: {e}", path.display())),
+        Ok(()) if got == patterns::blk_write_pattern() => CheckStatus::Ok,
+        Ok(()) => {
+            let first = got
+                .iter()
+                .zip(patterns::blk_write_pattern())
+                .position(|(a, b)| *a != b);
+            CheckStatus::Fail(format!("write pattern differs from byte {first:?}"))
+        }
+    }
+}
+
+/// What the VMM's output threads and its waiter report.
+#[derive(Debug)]
+enum Event {
+    Line(Instant, &'static str, String),
+    Exit(Instant, std::io::Result<ExitStatus>),
+}
+
+fn relay(stream: impl Read + Send + 'static, name: &'static str, tx: mpsc::Sender<Event>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let at = Instant::now();
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string();
+                    if tx.send(Event::Line(at, name, line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Records a check, keeping a failure over a later success.
+fn record(checks: &mut BTreeMap<String, CheckStatus>, name: &str, status: CheckStatus) {
+    match checks.get(name) {
+        Some(CheckStatus::Fail(_)) => {}
+        _ => {
+            checks.insert(name.to_string(), status);
+        }
+    }
+}
+
+/// One L2 run.
+fn run_once(entry: &PlanEntry, run: u32, timeout: Duration, payloads: &Worker) -> RunResult {
+    let mut checks = BTreeMap::new();
+    let mut result = RunResult {
+        entry: *entry,
+        run,
+        boot_to_init_ms: None,
+        full_cycle_ms: None,
+        checks: BTreeMap::new(),
+    };
+    let dir = Path::new(WORK_DIR);
+    let disk = dir.join("disk.img");
+    let socket = dir.join("vconsole.sock");
+    let prepared = std::fs::create_dir_all(dir)
+        .map_err(io_err(format!("creating {WORK_DIR}")))
+        .and_then(|()| prepare_disk(&disk))
+        .and_then(|()| console_client(&socket));
+    let console = match prepared {
+        Ok(c) => c,
+        Err(e) => {
+            record(
+                &mut checks,
+                "vmm-exit",
+                CheckStatus::Fail(format!("setup: {e}")),
+            );
+            result.checks = checks;
+            return result;
+        }
+    };
+    let served_before = payloads.count();
+
+    let mut cmd = vmm_command(entry, &disk, &socket);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    println!("lab-agent: {entry} run {run}: {cmd:?}");
+    let t0 = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    let mut timed_out = false;
+    let mut exit: Option<(Instant, std::io::Result<ExitStatus>)> = None;
+    match cmd.spawn() {
+        Err(e) => record(
+            &mut checks,
+            "vmm-exit",
+            CheckStatus::Fail(format!("spawn: {e}")),
+        ),
+        Ok(mut child) => {
+            let pid = child.id() as libc::pid_t;
+            if let Some(out) = child.stdout.take() {
+                relay(out, "L2", tx.clone());
+            }
+            if let Some(err) = child.stderr.take() {
+                relay(err, "L2-stderr", tx.clone());
+            }
+            let waiter = tx.clone();
+            std::thread::spawn(move || {
+                let status = child.wait();
+                let _ = waiter.send(Event::Exit(Instant::now(), status));
+            });
+            drop(tx);
+            let mut deadline = t0 + timeout;
+            loop {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(Event::Line(at, stream, text)) => {
+                        let ms = at.duration_since(t0).as_secs_f64() * 1e3;
+                        println!("{stream} +{ms:9.1}ms | {text}");
+                        if stream == "L2" {
+                            if let Some((name, status)) = protocol::parse_check(&text) {
+                                if name == "init-reached" {
+                                    result.boot_to_init_ms.get_or_insert(ms);
+                                }
+                                record(&mut checks, &name, status);
+                            }
+                        }
+                    }
+                    Ok(Event::Exit(at, status)) => exit = Some((at, status)),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if timed_out || exit.is_some() {
+                            // The VMM is gone (or unkillable) but something still
+                            // holds its output pipes: stop waiting.
+                            break;
+                        }
+                        timed_out = true;
+                        println!(
+                            "lab-agent: {entry} run {run}: timed out after {} s; killing the VMM",
+                            timeout.as_secs()
+                        );
+                        // SAFETY: kill() has no memory-safety preconditions; `pid`
+                        // is our child, not yet reaped (no Exit event arrived), so
+                        // it cannot name an unrelated process.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        deadline = Instant::now() + Duration::from_secs(5);
+                    }
+                }
+            }
+            let status = match &exit {
+                _ if timed_out => {
+                    CheckStatus::Fail(format!("timed out after {} s (killed)", timeout.as_secs()))
+                }
+                None => CheckStatus::Fail("no exit status".into()),
+                Some((_, Err(e))) => CheckStatus::Fail(format!("wait: {e}")),
+                Some((_, Ok(s))) if s.success() => CheckStatus::Ok,
+                Some((_, Ok(s))) => CheckStatus::Fail(format!("VMM exited with {s}")),
+            };
+            if status == CheckStatus::Ok {
+                result.full_cycle_ms = exit
+                    .as_ref()
+                    .map(|(at, _)| at.duration_since(t0).as_secs_f64() * 1e3);
+            }
+            record(&mut checks, "vmm-exit", status);
+        }
+    }
+    let echoes = console.stop();
+    record(
+        &mut checks,
+        "host-console-echo",
+        if echoes > 0 {
+            CheckStatus::Ok
+        } else {
+            CheckStatus::Fail("no VMKIT-PING line reached the agent".into())
+        },
+    );
+    let served = payloads.count().saturating_sub(served_before);
+    record(
+        &mut checks,
+        "host-net-payload",
+        if served > 0 {
+            CheckStatus::Ok
+        } else {
+            CheckStatus::Fail("L2 never fetched the payload".into())
+        },
+    );
+    record(&mut checks, "host-blk-write", verify_disk(&disk));
+    result.checks = checks;
+    for failure in result.failures() {
+        println!("lab-agent: {entry} run {run}: FAIL {failure}");
+    }
+    result
+}
+
+fn agent() -> Result<(), LabError> {
+    let cmdline =
+        std::fs::read_to_string("/proc/cmdline").map_err(io_err("reading /proc/cmdline"))?;
+    let plan = Plan::from_cmdline(&cmdline).map_err(LabError::Usage)?;
+    create_tap(protocol::TAP_NAME, protocol::HOST_IP)?;
+    println!("lab-agent: tap {} up; plan {plan:?}", protocol::TAP_NAME);
+    let payloads = payload_server()?;
+    let timeout = Duration::from_secs(u64::from(plan.timeout_secs));
+    // Run-major order: the configurations take turns, so a change in the
+    // host's load (L1 is emulated, the host is shared) hits them alike.
+    let mut broken = vec![false; plan.entries.len()];
+    for run in 1..=plan.runs {
+        for (entry, broken) in plan.entries.iter().zip(broken.iter_mut()) {
+            if *broken {
+                continue;
+            }
+            let result = run_once(entry, run, timeout, &payloads);
+            println!("{}", result.to_line());
+            if !result.failures().is_empty() && run < plan.runs {
+                // Keep CI bounded: a broken configuration would likely time
+                // out again. L0 reports the skipped runs as missing.
+                println!(
+                    "lab-agent: {entry}: skipping runs {}..={} after a failure",
+                    run + 1,
+                    plan.runs
+                );
+                *broken = true;
+            }
+        }
+    }
+    payloads.stop();
+    Ok(())
+}
+
+/// Runs the agent; prints [`protocol::DONE_LINE`] even when setup failed so
+/// L0 stops waiting (it then finds the results missing).
+pub fn main() -> Result<(), LabError> {
+    let result = agent();
+    if let Err(e) = &result {
+        println!("lab-agent: error: {e}");
+    }
+    println!("{}", protocol::DONE_LINE);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn vmm_commands_follow_the_transport() {
+        let disk = Path::new("/tmp/lab/disk.img");
+        let sock = Path::new("/tmp/lab/v.sock");
+        let pci = PlanEntry {
+            vmm: Vmm::Qemu,
+            transport: Transport::Pci,
+            cpus: 2,
+        };
+        let a = args(&vmm_command(&pci, disk, sock)).join(" ");
+        assert!(a.contains("microvm,rtc=on,acpi=on,pcie=on"), "{a}");
+        assert!(
+            a.contains("virtio-blk-pci,drive=disk0") && !a.contains("-device virtio-blk-device"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-smp 2") && a.contains("host,-xsave") && a.contains("-no-reboot"),
+            "{a}"
+        );
+        let mmio = PlanEntry {
+            transport: Transport::Mmio,
+            ..pci
+        };
+        let a = args(&vmm_command(&mmio, disk, sock)).join(" ");
+        assert!(
+            a.contains("virtio-net-device,netdev=net0") && !a.contains("pcie=on"),
+            "{a}"
+        );
+        let mini = PlanEntry {
+            vmm: Vmm::Minivmm,
+            ..mmio
+        };
+        let c = vmm_command(&mini, disk, sock);
+        assert_eq!(c.get_program(), MINIVMM);
+        let a = args(&c);
+        let expect = [
+            "--kernel",
+            L2_KERNEL,
+            "--initrd",
+            L2_INITRD,
+            "--cmdline",
+            protocol::L2_CMDLINE,
+            "--memory",
+            "256M",
+            "--cpus",
+            "2",
+            "--disk",
+            "/tmp/lab/disk.img",
+            "--net",
+            "tap=vmkit0,mac=52:54:00:12:34:56",
+            "--rng",
+            "--console",
+            "serial",
+            "--vconsole",
+            "socket=/tmp/lab/v.sock",
+            "--transport",
+            "mmio",
+            "--boot-timer",
+        ];
+        assert_eq!(a, expect);
+    }
+
+    #[test]
+    fn disk_pattern_round_trip() {
+        let path = std::env::temp_dir().join(format!("xtask-agent-disk-{}", std::process::id()));
+        prepare_disk(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), patterns::DISK_SIZE);
+        assert!(matches!(verify_disk(&path), CheckStatus::Fail(_)));
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(patterns::BLK_WRITE_OFFSET)).unwrap();
+        f.write_all(&patterns::blk_write_pattern()).unwrap();
+        drop(f);
+        assert_eq!(verify_disk(&path), CheckStatus::Ok);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn console_client_waits_for_the_vmm_socket_and_echoes_ping_lines() {
+        use std::os::unix::net::UnixListener;
+        let path = std::env::temp_dir().join(format!("xtask-agent-vc-{}", std::process::id()));
+        std::fs::write(&path, b"stale").unwrap();
+        let client = console_client(&path).unwrap();
+        // The VMM creates its socket only after the agent started waiting.
+        std::thread::sleep(Duration::from_millis(50));
+        let listener = UnixListener::bind(&path).unwrap();
+        let (mut vmm, _) = listener.accept().unwrap();
+        vmm.write_all(b"noise\nVMKIT-PING abc123\n").unwrap();
+        vmm.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reply = String::new();
+        BufReader::new(vmm.try_clone().unwrap())
+            .read_line(&mut reply)
+            .unwrap();
+        assert_eq!(reply, "VMKIT-PONG abc123\n");
+        assert_eq!(client.stop(), 1);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn ifreq_names_are_bounded() {
+        assert!(IfReq::new("vmkit0").is_ok());
+        assert!(IfReq::new("a-name-that-is-too-long").is_err());
+        let mut r = IfReq::new("x").unwrap();
+        r.set_ipv4([10, 0, 2, 1]);
+        assert_eq!(&r.data[4..8], &[10, 0, 2, 1]);
+    }
+}

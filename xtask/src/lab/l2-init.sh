@@ -1,0 +1,93 @@
+#!/bin/busybox sh
+# /init of the L2 test guest (vmkit nested lab). One marker line per check:
+# "VMKIT-CHECK <name> ok [detail]" or "VMKIT-CHECK <name> fail <reason>".
+# The serial console carries them; the L1 agent collects and times them.
+echo "VMKIT-CHECK init-reached"
+export PATH=/bin
+check() { echo "VMKIT-CHECK $*"; }
+check serial ok
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+for m in @MODULES@; do
+    insmod "/lib/modules/$m.ko" || echo "VMKIT-LOG insmod $m failed"
+done
+
+# Waits up to 5 s for a path to appear.
+wait_for() {
+    i=0
+    while [ ! -e "$1" ] && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    [ -e "$1" ]
+}
+
+# Block: read the host's pattern, write ours (the agent checks it later).
+if wait_for /dev/vda; then
+    got=$(dd if=/dev/vda bs=4096 count=@BLK_READ_BLOCKS@ 2>/dev/null | sha256sum | cut -d' ' -f1)
+    if [ "$got" = "$(cat /etc/lab/blk-read.sha256)" ]; then
+        check blk-read ok
+    else
+        check blk-read fail "sha256 $got"
+    fi
+    if dd if=/etc/lab/blk-write.bin of=/dev/vda bs=4096 seek=@BLK_WRITE_SEEK@ 2>/dev/null && sync; then
+        check blk-write ok
+    else
+        check blk-write fail "dd or sync failed"
+    fi
+else
+    check blk-read fail "no /dev/vda"
+    check blk-write fail "no /dev/vda"
+fi
+
+# Network: ping the L1 tap, then fetch the payload and check its digest.
+if wait_for /sys/class/net/eth0; then
+    ip link set lo up
+    ip addr add @GUEST_IP@/24 dev eth0
+    ip link set eth0 up
+    if ping -c 1 -w 5 @HOST_IP@ >/dev/null 2>&1; then
+        timeout 10 nc @HOST_IP@ @PAYLOAD_PORT@ </dev/null >/tmp/payload 2>/dev/null
+        got=$(sha256sum /tmp/payload | cut -d' ' -f1)
+        if [ "$got" = "$(cat /etc/lab/payload.sha256)" ]; then
+            check net ok "bytes=$(wc -c </tmp/payload)"
+        else
+            check net fail "payload sha256 $got bytes=$(wc -c </tmp/payload)"
+        fi
+    else
+        check net fail "no ping reply from @HOST_IP@"
+    fi
+else
+    check net fail "no eth0"
+fi
+
+# Entropy: 64 KiB from the virtio rng.
+i=0
+while ! grep -q virtio /sys/class/misc/hw_random/rng_current 2>/dev/null && [ "$i" -lt 100 ]; do
+    sleep 0.05; i=$((i + 1))
+done
+source=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
+case "$source" in
+virtio*)
+    n=$(timeout 10 head -c @RNG_BYTES@ /dev/hwrng | wc -c)
+    if [ "$n" -eq @RNG_BYTES@ ]; then check rng ok "source=$source"; else check rng fail "read $n bytes"; fi
+    ;;
+*) check rng fail "hwrng source is '$source'" ;;
+esac
+
+# virtio-console: a line to hvc0 must come back echoed by the agent.
+if wait_for /dev/hvc0; then
+    token="t$$-$(cut -c1-8 /proc/sys/kernel/random/uuid)"
+    exec 3<>/dev/hvc0
+    # Raw and without echo while fd 3 holds it open (settings made on a
+    # closed tty do not stick).
+    stty -F /dev/hvc0 raw -echo 2>/dev/null
+    echo "VMKIT-PING $token" >&3
+    reply=""
+    read -t 10 reply <&3
+    exec 3<&-
+    if [ "$reply" = "VMKIT-PONG $token" ]; then check console ok; else check console fail "reply '$reply'"; fi
+else
+    check console fail "no /dev/hvc0"
+fi
+
+echo "VMKIT-CHECK done"
+reboot -f

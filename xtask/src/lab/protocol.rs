@@ -1,0 +1,438 @@
+//! What L0, the L1 agent and the L2 init script agree on: the run plan on
+//! L1's kernel command line, the guest's marker lines and the agent's
+//! machine-readable result lines.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// The prefix of every check line the L2 init script prints on its serial
+/// console: `VMKIT-CHECK <name> ok [detail]` or `VMKIT-CHECK <name> fail <reason>`.
+pub const CHECK_PREFIX: &str = "VMKIT-CHECK ";
+/// The prefix of the agent's result line for one L2 run.
+pub const RESULT_PREFIX: &str = "VMKIT-LAB-RESULT ";
+/// Printed by the agent when every planned run is done.
+pub const DONE_LINE: &str = "VMKIT-LAB-DONE";
+/// The prefix of lines the L1 init script prints about L1 itself.
+pub const L1_PREFIX: &str = "VMKIT-LAB-L1 ";
+
+/// The checks the L2 guest must report `ok`, in the order it runs them.
+pub const GUEST_CHECKS: &[&str] = &[
+    "init-reached",
+    "serial",
+    "blk-read",
+    "blk-write",
+    "net",
+    "rng",
+    "console",
+    "done",
+];
+/// The checks the agent adds from the host side of L2's devices.
+pub const HOST_CHECKS: &[&str] = &[
+    "vmm-exit",
+    "host-blk-write",
+    "host-console-echo",
+    "host-net-payload",
+];
+
+/// The tap device the agent creates in L1 for L2's network card.
+pub const TAP_NAME: &str = "vmkit0";
+/// L1's address on the tap (the ping target and payload server).
+pub const HOST_IP: [u8; 4] = [10, 0, 2, 1];
+/// L2's address.
+pub const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
+/// The TCP port of the agent's payload server.
+pub const PAYLOAD_PORT: u16 = 5555;
+/// L2's network card's MAC address.
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+/// L2's kernel command line (the same for every VMM). `reboot=t` makes
+/// `reboot -f` a triple fault, which every VMM sees at once: QEMU's microvm
+/// has no i8042, and the kernel's default keyboard-controller reset then
+/// spins on port 0x64 for minutes.
+pub const L2_CMDLINE: &str = "console=ttyS0 quiet panic=-1 noxsave reboot=t rdinit=/init";
+/// Guest memory for L2.
+pub const L2_MEMORY: &str = "256M";
+
+/// The VMM that runs L2 inside L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Vmm {
+    /// `examples/minivmm`, built from vmkit.
+    Minivmm,
+    /// QEMU `-M microvm` with KVM: the baseline.
+    Qemu,
+}
+
+impl fmt::Display for Vmm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Vmm::Minivmm => "minivmm",
+            Vmm::Qemu => "qemu",
+        })
+    }
+}
+
+impl FromStr for Vmm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "minivmm" => Ok(Vmm::Minivmm),
+            "qemu" => Ok(Vmm::Qemu),
+            _ => Err(format!("unknown VMM {s:?} (want qemu or minivmm)")),
+        }
+    }
+}
+
+/// The virtio transport L2's devices use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Transport {
+    /// virtio-mmio, described to the guest in ACPI.
+    Mmio,
+    /// virtio-pci on a PCIe root bus.
+    Pci,
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Mmio => "mmio",
+            Transport::Pci => "pci",
+        })
+    }
+}
+
+impl FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmio" => Ok(Transport::Mmio),
+            "pci" => Ok(Transport::Pci),
+            _ => Err(format!("unknown transport {s:?} (want mmio or pci)")),
+        }
+    }
+}
+
+/// One configuration to run L2 with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanEntry {
+    /// The VMM.
+    pub vmm: Vmm,
+    /// The virtio transport.
+    pub transport: Transport,
+    /// L2's vCPU count.
+    pub cpus: u32,
+}
+
+impl fmt::Display for PlanEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.vmm, self.transport, self.cpus)
+    }
+}
+
+impl FromStr for PlanEntry {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(':');
+        let (Some(vmm), Some(transport), Some(cpus), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!("plan entry {s:?}: want vmm:transport:cpus"));
+        };
+        let cpus = cpus
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=8).contains(n))
+            .ok_or_else(|| format!("plan entry {s:?}: cpus must be 1..=8"))?;
+        Ok(PlanEntry {
+            vmm: vmm.parse()?,
+            transport: transport.parse()?,
+            cpus,
+        })
+    }
+}
+
+/// What the agent in L1 is asked to do, carried on L1's kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The configurations, run in order.
+    pub entries: Vec<PlanEntry>,
+    /// Runs per configuration.
+    pub runs: u32,
+    /// Seconds before an L2 run is declared hung and its VMM killed.
+    pub timeout_secs: u32,
+}
+
+impl Plan {
+    /// The kernel command-line words carrying this plan.
+    pub fn to_cmdline(&self) -> String {
+        let entries: Vec<String> = self.entries.iter().map(ToString::to_string).collect();
+        format!(
+            "vmkit.plan={} vmkit.runs={} vmkit.timeout={}",
+            entries.join(","),
+            self.runs,
+            self.timeout_secs
+        )
+    }
+
+    /// Reads a plan back from a kernel command line (`/proc/cmdline`).
+    pub fn from_cmdline(cmdline: &str) -> Result<Self, String> {
+        let mut entries = None;
+        let mut runs = 1;
+        let mut timeout_secs = 60;
+        for word in cmdline.split_whitespace() {
+            if let Some(v) = word.strip_prefix("vmkit.plan=") {
+                let parsed: Result<Vec<PlanEntry>, String> = v.split(',').map(str::parse).collect();
+                entries = Some(parsed?);
+            } else if let Some(v) = word.strip_prefix("vmkit.runs=") {
+                runs = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=50).contains(n))
+                    .ok_or_else(|| format!("vmkit.runs={v}: want 1..=50"))?;
+            } else if let Some(v) = word.strip_prefix("vmkit.timeout=") {
+                timeout_secs = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (5..=600).contains(n))
+                    .ok_or_else(|| format!("vmkit.timeout={v}: want 5..=600"))?;
+            }
+        }
+        let entries = entries.ok_or("no vmkit.plan= on the kernel command line")?;
+        if entries.is_empty() || entries.len() > 16 {
+            return Err(format!(
+                "vmkit.plan has {} entries: want 1..=16",
+                entries.len()
+            ));
+        }
+        Ok(Plan {
+            entries,
+            runs,
+            timeout_secs,
+        })
+    }
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckStatus {
+    /// Passed (with optional detail).
+    Ok,
+    /// Failed, with the reason.
+    Fail(String),
+}
+
+/// Parses a guest check line (`VMKIT-CHECK name ok|fail [reason]`); lines
+/// without a status word (`VMKIT-CHECK init-reached`) count as `ok`.
+pub fn parse_check(line: &str) -> Option<(String, CheckStatus)> {
+    let start = line.find(CHECK_PREFIX)?;
+    let rest = line.get(start + CHECK_PREFIX.len()..)?.trim();
+    let mut words = rest.splitn(3, ' ');
+    let name = words.next().filter(|n| !n.is_empty())?.to_string();
+    let status = match words.next() {
+        None | Some("ok") => CheckStatus::Ok,
+        Some("fail") => CheckStatus::Fail(words.next().unwrap_or("unspecified").to_string()),
+        Some(other) => CheckStatus::Fail(format!("unknown status {other:?}")),
+    };
+    Some((name, status))
+}
+
+/// The agent's report on one L2 run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunResult {
+    /// The configuration.
+    pub entry: PlanEntry,
+    /// 1-based run number within the configuration.
+    pub run: u32,
+    /// Milliseconds from VMM start to L2's `init-reached` marker.
+    pub boot_to_init_ms: Option<f64>,
+    /// Milliseconds from VMM start to VMM exit after L2 rebooted.
+    pub full_cycle_ms: Option<f64>,
+    /// Every check, guest and host, with its status.
+    pub checks: BTreeMap<String, CheckStatus>,
+}
+
+impl RunResult {
+    /// The checks that are missing or not `ok` (empty when the run passed).
+    pub fn failures(&self) -> Vec<String> {
+        GUEST_CHECKS
+            .iter()
+            .chain(HOST_CHECKS)
+            .filter_map(|name| match self.checks.get(*name) {
+                Some(CheckStatus::Ok) => None,
+                Some(CheckStatus::Fail(reason)) => Some(format!("{name}: {reason}")),
+                None => Some(format!("{name}: missing")),
+            })
+            .collect()
+    }
+
+    /// Formats the machine-readable line the L0 side parses.
+    pub fn to_line(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or_else(|| "none".to_string(), |v| format!("{v:.1}"));
+        let checks: Vec<String> = self
+            .checks
+            .iter()
+            .map(|(name, status)| match status {
+                CheckStatus::Ok => format!("{name}:ok"),
+                CheckStatus::Fail(_) => format!("{name}:fail"),
+            })
+            .collect();
+        let failures = self.failures();
+        format!(
+            "{RESULT_PREFIX}entry={} run={} status={} boot_to_init_ms={} full_cycle_ms={} checks={} failures={}",
+            self.entry,
+            self.run,
+            if failures.is_empty() { "pass" } else { "fail" },
+            ms(self.boot_to_init_ms),
+            ms(self.full_cycle_ms),
+            checks.join(","),
+            sanitize(&failures.join("; ")),
+        )
+    }
+
+    /// Parses a line made by [`RunResult::to_line`]; the failure reasons are
+    /// not carried back (the agent prints them in full on its own lines).
+    pub fn from_line(line: &str) -> Option<Self> {
+        let start = line.find(RESULT_PREFIX)?;
+        let rest = line.get(start + RESULT_PREFIX.len()..)?;
+        let mut entry = None;
+        let mut run = None;
+        let mut boot = None;
+        let mut cycle = None;
+        let mut checks = BTreeMap::new();
+        for word in rest.split(' ') {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            match key {
+                "entry" => entry = value.parse().ok(),
+                "run" => run = value.parse().ok(),
+                "boot_to_init_ms" => boot = value.parse().ok(),
+                "full_cycle_ms" => cycle = value.parse().ok(),
+                "checks" => {
+                    for item in value.split(',').filter(|s| !s.is_empty()) {
+                        let (name, status) = item.split_once(':')?;
+                        let status = if status == "ok" {
+                            CheckStatus::Ok
+                        } else {
+                            CheckStatus::Fail("reported failed by the agent".into())
+                        };
+                        checks.insert(name.to_string(), status);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(RunResult {
+            entry: entry?,
+            run: run?,
+            boot_to_init_ms: boot,
+            full_cycle_ms: cycle,
+            checks,
+        })
+    }
+}
+
+/// Replaces spaces so a free-text field stays one word of a result line.
+fn sanitize(s: &str) -> String {
+    if s.is_empty() {
+        return "none".into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '=' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn plan_round_trips_through_cmdline() {
+        let plan = Plan {
+            entries: vec![
+                PlanEntry {
+                    vmm: Vmm::Qemu,
+                    transport: Transport::Mmio,
+                    cpus: 1,
+                },
+                PlanEntry {
+                    vmm: Vmm::Minivmm,
+                    transport: Transport::Pci,
+                    cpus: 2,
+                },
+            ],
+            runs: 3,
+            timeout_secs: 45,
+        };
+        let cmdline = format!("console=ttyS0 quiet {} rdinit=/init", plan.to_cmdline());
+        assert_eq!(Plan::from_cmdline(&cmdline).unwrap(), plan);
+        assert!(Plan::from_cmdline("console=ttyS0").is_err());
+        assert!(Plan::from_cmdline("vmkit.plan=qemu:mmio:9").is_err());
+        assert!(Plan::from_cmdline("vmkit.plan=qemu:isa:1").is_err());
+        assert!(Plan::from_cmdline("vmkit.plan=qemu:mmio:1 vmkit.runs=0").is_err());
+    }
+
+    #[test]
+    fn check_lines_parse() {
+        assert_eq!(
+            parse_check("VMKIT-CHECK init-reached").unwrap(),
+            ("init-reached".into(), CheckStatus::Ok)
+        );
+        assert_eq!(
+            parse_check("[junk]VMKIT-CHECK net fail ping timed out").unwrap(),
+            ("net".into(), CheckStatus::Fail("ping timed out".into()))
+        );
+        assert_eq!(
+            parse_check("VMKIT-CHECK rng ok source=virtio").unwrap().1,
+            CheckStatus::Ok
+        );
+        assert!(matches!(
+            parse_check("VMKIT-CHECK rng maybe").unwrap().1,
+            CheckStatus::Fail(_)
+        ));
+        assert!(parse_check("VMKIT-CHECK ").is_none());
+        assert!(parse_check("hello").is_none());
+    }
+
+    #[test]
+    fn result_line_round_trips_and_reports_missing_checks() {
+        let mut checks = BTreeMap::new();
+        for name in GUEST_CHECKS.iter().chain(HOST_CHECKS) {
+            checks.insert(name.to_string(), CheckStatus::Ok);
+        }
+        let entry = PlanEntry {
+            vmm: Vmm::Qemu,
+            transport: Transport::Pci,
+            cpus: 1,
+        };
+        let mut result = RunResult {
+            entry,
+            run: 2,
+            boot_to_init_ms: Some(1234.5),
+            full_cycle_ms: Some(4321.0),
+            checks,
+        };
+        assert!(result.failures().is_empty());
+        let line = result.to_line();
+        assert!(line.contains("status=pass"), "{line}");
+        assert_eq!(RunResult::from_line(&line).unwrap(), result);
+
+        result.checks.remove("net");
+        result
+            .checks
+            .insert("rng".into(), CheckStatus::Fail("short read".into()));
+        let line = result.to_line();
+        assert!(line.contains("status=fail"), "{line}");
+        let parsed = RunResult::from_line(&line).unwrap();
+        let failures = parsed.failures();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(failures.iter().any(|f| f.starts_with("net: missing")));
+        assert!(failures.iter().any(|f| f.starts_with("rng: ")));
+    }
+}
