@@ -116,9 +116,45 @@ impl Paths {
     }
 }
 
+/// Installs QEMU on this host (L0) through `.ci/lab-setup` when it is
+/// missing, so that a fresh machine needs no manual step.
+fn ensure_host_qemu(paths: &Paths) -> Result<(), LabError> {
+    let present = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    let setup = paths.workspace.join(".ci").join("lab-setup");
+    eprintln!("lab: QEMU is not installed; running {}", setup.display());
+    let status = std::process::Command::new(&setup)
+        .status()
+        .map_err(|e| LabError::Command {
+            cmd: setup.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(LabError::Command {
+            cmd: setup.display().to_string(),
+            detail: status.to_string(),
+        })
+    }
+}
+
 /// Runs `cargo xtask lab <args>`.
 pub fn main(args: &[String]) -> Result<(), LabError> {
     let paths = Paths::from_env();
+    if matches!(
+        args.first().map(String::as_str),
+        Some("fetch" | "build" | "run" | "check")
+    ) {
+        ensure_host_qemu(&paths)?;
+    }
     match args.first().map(String::as_str) {
         Some("fetch") => fetch::fetch(&paths).map(|_| ()),
         Some("build") => {
