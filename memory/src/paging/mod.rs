@@ -53,6 +53,37 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+/// The raw-value accessors, `contains` and `|` of a flag word: a
+/// single-field tuple struct over an unsigned integer (#PF error codes, EPT
+/// exit qualifications, #NPF error codes).
+macro_rules! flag_word {
+    ($name:ident, $raw:ty, $what:literal) => {
+        impl $name {
+            #[doc = concat!("The raw value of the ", $what, ".")]
+            pub const fn bits(self) -> $raw {
+                self.0
+            }
+
+            #[doc = concat!("A ", $what, " from its raw value (all bits kept).")]
+            pub const fn from_bits(bits: $raw) -> $name {
+                $name(bits)
+            }
+
+            /// Whether all bits of `other` are set.
+            pub const fn contains(self, other: $name) -> bool {
+                self.0 & other.0 == other.0
+            }
+        }
+
+        impl std::ops::BitOr for $name {
+            type Output = $name;
+            fn bitor(self, rhs: $name) -> $name {
+                $name(self.0 | rhs.0)
+            }
+        }
+    };
+}
+
 pub mod builder;
 pub mod context;
 pub mod nested;

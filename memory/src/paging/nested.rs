@@ -289,29 +289,9 @@ impl EptQualification {
     /// Bit 8 (with bit 7): the access was to the translation of the linear
     /// address; clear for an access to a guest paging-structure entry.
     pub const LINEAR_TRANSLATION: EptQualification = EptQualification(1 << 8);
-
-    /// The raw value.
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// A qualification from its raw value.
-    pub const fn from_bits(bits: u64) -> EptQualification {
-        EptQualification(bits)
-    }
-
-    /// Whether all bits of `other` are set.
-    pub const fn contains(self, other: EptQualification) -> bool {
-        self.0 & other.0 == other.0
-    }
 }
 
-impl std::ops::BitOr for EptQualification {
-    type Output = EptQualification;
-    fn bitor(self, rhs: EptQualification) -> EptQualification {
-        EptQualification(self.0 | rhs.0)
-    }
-}
+flag_word!(EptQualification, u64, "EPT exit qualification");
 
 /// An #NPF error code, as stored in EXITINFO1 (APM Vol. 2 §15.25.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -333,29 +313,9 @@ impl NpfErrorCode {
     pub const FINAL: NpfErrorCode = NpfErrorCode(1 << 32);
     /// Bit 33: the fault happened translating a guest page-table access.
     pub const GUEST_TABLE: NpfErrorCode = NpfErrorCode(1 << 33);
-
-    /// The raw value.
-    pub const fn bits(self) -> u64 {
-        self.0
-    }
-
-    /// An error code from its raw value.
-    pub const fn from_bits(bits: u64) -> NpfErrorCode {
-        NpfErrorCode(bits)
-    }
-
-    /// Whether all bits of `other` are set.
-    pub const fn contains(self, other: NpfErrorCode) -> bool {
-        self.0 & other.0 == other.0
-    }
 }
 
-impl std::ops::BitOr for NpfErrorCode {
-    type Output = NpfErrorCode;
-    fn bitor(self, rhs: NpfErrorCode) -> NpfErrorCode {
-        NpfErrorCode(self.0 | rhs.0)
-    }
-}
+flag_word!(NpfErrorCode, u64, "#NPF error code");
 
 /// Why an EPT entry is a misconfiguration (SDM §29.3.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

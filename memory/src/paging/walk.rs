@@ -178,21 +178,6 @@ impl PfErrorCode {
         PfErrorCode(0)
     }
 
-    /// The raw value (as pushed on the stack).
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
-    /// An error code from its raw value (all bits kept).
-    pub const fn from_bits(bits: u32) -> PfErrorCode {
-        PfErrorCode(bits)
-    }
-
-    /// Whether all bits of `other` are set.
-    pub const fn contains(self, other: PfErrorCode) -> bool {
-        self.0 & other.0 == other.0
-    }
-
     /// The P bit.
     pub const fn present(self) -> bool {
         self.contains(Self::PRESENT)
@@ -224,12 +209,11 @@ impl PfErrorCode {
     }
 }
 
-impl std::ops::BitOr for PfErrorCode {
-    type Output = PfErrorCode;
-    fn bitor(self, rhs: PfErrorCode) -> PfErrorCode {
-        PfErrorCode(self.0 | rhs.0)
-    }
-}
+flag_word!(
+    PfErrorCode,
+    u32,
+    "page-fault error code (as pushed on the stack)"
+);
 
 impl std::ops::BitOrAssign for PfErrorCode {
     fn bitor_assign(&mut self, rhs: PfErrorCode) {
