@@ -1,22 +1,32 @@
-//! Guest-virtual to guest-physical translation: vmkit's software walker
+//! Guest-virtual to guest-physical translation: vmkit's software MMU
 //! against KVM's `KVM_TRANSLATE` ioctl, on the same page tables in the same
 //! VM.
 //!
 //! - vmkit: [`PagingContext::walk`] with [`WalkMode::Probe`] as a
 //!   supervisor read (what `KVM_TRANSLATE` checks), the context built once
-//!   from the vCPU's control registers and CPUID.
+//!   from the vCPU's control registers and CPUID; a [`ShadowMmu`] cache
+//!   hit; and [`walk_2d`], the guest tables behind an EPT stage 2 (4 KiB
+//!   pages, identity over the VM's RAM, so it ends at the same address).
 //! - baseline: `KVM_TRANSLATE` through kvm-ioctls' `VcpuFd::translate_gva`
 //!   (a system call into KVM's own walker per address).
 //!
 //! The tables: 4-level, 2 MiB pages and 4 KiB pages spread over a few
-//! PML4 slots; the addresses: 4,096, three quarters mapped, the rest in
-//! unmapped holes next to them. Both sides translate the same addresses in
-//! the same order and must agree (checked before timing). Criterion
-//! measures one pass over the addresses; then interleaved rounds give the
-//! medians of the `compare:` line, per address.
+//! PML4 slots. Two kinds of `compare:` lines, all from interleaved rounds
+//! (vmkit and baseline alternate which goes first, so noise hits both
+//! alike) and medians over the rounds:
+//! - `translate_ns`: 4,096 addresses, three quarters mapped, the rest in
+//!   unmapped holes next to them; both sides translate them in the same
+//!   order and must agree (checked before timing).
+//! - `translate_4k_ns`, `translate_2m_ns`, `shadow_hit_ns`, `walk2d_ns`:
+//!   one address each (a 4 KiB page, a 2 MiB page, the 4 KiB page through
+//!   the cache, the 4 KiB page through EPT), each against `KVM_TRANSLATE`
+//!   of that address, translated over and over. Every vmkit answer is
+//!   checked against KVM's before timing.
 //!
-//! `VMKIT_BENCH_ROUNDS` sets the interleaved rounds (default 11) and
-//! `VMKIT_BENCH_COMPARE_ONLY=1` skips the criterion part.
+//! Criterion measures one pass over the 4,096 addresses and the
+//! single-address operations; `VMKIT_BENCH_ROUNDS` sets the interleaved
+//! rounds (default 11) and `VMKIT_BENCH_COMPARE_ONLY=1` skips the criterion
+//! part.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::hint::black_box;
@@ -24,24 +34,38 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
 use vmkit_memory::paging::{
-    Access, ControlRegs, CpuFeatures, PageFlags, PageSize, PageTableBuilder, PagingContext,
-    Privilege, TableFormat, Vendor, WalkMode,
+    walk_2d, Access, ControlRegs, CpuFeatures, EptBuilder, EptCapabilities, EptContext, EptFlags,
+    IdentityMap, PageFlags, PageSize, PageTableBuilder, PagingContext, Privilege, ShadowConfig,
+    ShadowMmu, Stage2Context, TableFormat, Vendor, WalkMode,
 };
 use vmkit_memory::vm_memory::GuestAddress;
-use vmkit_memory::MemoryLayout;
+use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
 use vmkit_vcpu::{BootConfig, CpuMode, Vcpu, Vm, VmConfig};
 
 mod common;
 use common::{kvm_or_skip, median};
 
+const RAM: u64 = 16 << 20;
 const TABLES: u64 = 0x20_0000;
 const TABLES_LEN: u64 = 0x40_0000;
+/// The EPT tables of the 2-D walk (identity over `RAM` in 4 KiB pages).
+const EPT: u64 = 0x60_0000;
+const EPT_LEN: u64 = 0x2_0000;
 const ADDRESSES: usize = 4096;
+/// The single-address operations: a 4 KiB page and a 2 MiB page of their
+/// own, in a PML4 slot of their own.
+const GVA_4K: u64 = 0x0000_6f12_3456_7000 + 0x5a8;
+const GPA_4K: u64 = 0x7f_f000;
+const GVA_2M: u64 = 0x0000_6f12_3480_0000 + 0x1_2345;
+const GPA_2M: u64 = 0xa0_0000;
 
 struct Bench {
     vm: Vm,
     vcpu: Vcpu,
     ctx: PagingContext,
+    regs: ControlRegs,
+    features: CpuFeatures,
+    ept: Stage2Context,
     addresses: Vec<u64>,
 }
 
@@ -83,7 +107,7 @@ fn features(vcpu: &Vcpu) -> CpuFeatures {
 
 impl Bench {
     fn new() -> Self {
-        let memory = MemoryLayout::new(16 << 20)
+        let memory = MemoryLayout::new(RAM)
             .unwrap()
             .create_memory(&Default::default())
             .unwrap();
@@ -120,7 +144,22 @@ impl Bench {
                 }
             }
         }
+        let plain = PageFlags::default();
+        tables
+            .map(GVA_4K & !0xfff, GPA_4K, PageSize::Size4K, plain)
+            .unwrap();
+        tables
+            .map(GVA_2M & !0x1f_ffff, GPA_2M, PageSize::Size2M, plain)
+            .unwrap();
         let cr3 = tables.root();
+        let mut ept = EptBuilder::new(&memory, false, GuestAddress(EPT), EPT_LEN).unwrap();
+        for page in (0..RAM).step_by(4096) {
+            ept.map(page, page, PageSize::Size4K, EptFlags::default())
+                .unwrap();
+        }
+        let ept = Stage2Context::Ept(
+            EptContext::new(ept.eptp(false), &EptCapabilities::default()).unwrap(),
+        );
         let addresses = (0..ADDRESSES)
             .map(|i| {
                 let (base, size) = mapped[(next(&mut rng) % mapped.len() as u64) as usize];
@@ -150,11 +189,15 @@ impl Bench {
             efer: sregs.efer,
             ..ControlRegs::default()
         };
-        let ctx = PagingContext::new(&regs, &features(&vcpu)).unwrap();
+        let features = features(&vcpu);
+        let ctx = PagingContext::new(&regs, &features).unwrap();
         Bench {
             vm,
             vcpu,
             ctx,
+            regs,
+            features,
+            ept,
             addresses,
         }
     }
@@ -209,6 +252,150 @@ impl Bench {
     }
 }
 
+/// A single-address operation of vmkit, timed against `KVM_TRANSLATE` of
+/// the same address.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    /// 4-level walk ending in a 4 KiB page.
+    Walk4k,
+    /// 4-level walk ending in a 2 MiB page.
+    Walk2m,
+    /// `ShadowMmu::translate` of the 4 KiB page, served from the cache.
+    ShadowHit,
+    /// `walk_2d` of the 4 KiB page through the EPT (24 references).
+    Walk2d,
+}
+
+impl Op {
+    const ALL: [Op; 4] = [Op::Walk4k, Op::Walk2m, Op::ShadowHit, Op::Walk2d];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Walk4k => "translate_4k_ns",
+            Op::Walk2m => "translate_2m_ns",
+            Op::ShadowHit => "shadow_hit_ns",
+            Op::Walk2d => "walk2d_ns",
+        }
+    }
+
+    fn gva(self) -> u64 {
+        match self {
+            Op::Walk2m => GVA_2M,
+            _ => GVA_4K,
+        }
+    }
+}
+
+/// vmkit's calls per timed batch, and `KVM_TRANSLATE` calls per batch.
+const VMKIT_BATCH: u32 = 20_000;
+const KVM_BATCH: u32 = 400;
+
+/// The state of the single-address operations: the shadow MMU (its cache
+/// holds the 4 KiB page) over the VM's memory.
+struct Single<'a> {
+    b: &'a Bench,
+    mmu: ShadowMmu<'a, GuestMemoryMmap>,
+    host: IdentityMap<'a, GuestMemoryMmap>,
+}
+
+impl<'a> Single<'a> {
+    fn new(b: &'a Bench) -> Self {
+        let memory = b.vm.memory();
+        let mut mmu =
+            ShadowMmu::new(memory, &b.regs, &b.features, &ShadowConfig::default()).unwrap();
+        let host = IdentityMap(memory);
+        let fill = mmu
+            .translate(&host, GVA_4K, Access::read(Privilege::Supervisor))
+            .unwrap();
+        assert!(!fill.hit, "the first lookup walks");
+        Single { b, mmu, host }
+    }
+
+    /// vmkit's answer for `op` (the guest-physical address; for the 2-D
+    /// walk the host-physical one, the same under the identity EPT).
+    #[inline]
+    fn vmkit_once(&mut self, op: Op, gva: u64) -> Option<u64> {
+        let access = Access::read(Privilege::Supervisor);
+        let memory = self.b.vm.memory();
+        match op {
+            Op::Walk4k | Op::Walk2m => self
+                .b
+                .ctx
+                .walk(memory, gva, access, WalkMode::Probe)
+                .ok()
+                .map(|t| t.gpa),
+            Op::ShadowHit => self
+                .mmu
+                .translate(&self.host, gva, access)
+                .ok()
+                .map(|t| t.gpa),
+            Op::Walk2d => walk_2d(
+                &self.b.ctx,
+                &self.b.ept,
+                memory,
+                gva,
+                access,
+                WalkMode::Probe,
+            )
+            .ok()
+            .map(|t| t.hpa),
+        }
+    }
+
+    /// Every operation agrees with `KVM_TRANSLATE` (and the cache hits).
+    fn check(&mut self) {
+        let hits = self.mmu.stats().hits;
+        for op in Op::ALL {
+            let ours = self.vmkit_once(op, op.gva());
+            let t = self.b.vcpu.fd().translate_gva(op.gva()).unwrap();
+            assert_eq!(t.valid, 1, "{op:?}: KVM finds no translation");
+            assert_eq!(
+                ours,
+                Some(t.physical_address),
+                "{op:?}: translations differ"
+            );
+        }
+        assert_eq!(
+            self.mmu.stats().hits,
+            hits + 1,
+            "the shadow lookup must hit"
+        );
+        assert_eq!(
+            self.vmkit_once(Op::Walk4k, GVA_4K),
+            Some(GPA_4K | (GVA_4K & 0xfff))
+        );
+        assert_eq!(
+            self.vmkit_once(Op::Walk2m, GVA_2M),
+            Some(GPA_2M | (GVA_2M & 0x1f_ffff))
+        );
+    }
+
+    /// Nanoseconds per vmkit operation over one batch.
+    fn vmkit(&mut self, op: Op) -> f64 {
+        let gva = op.gva();
+        let start = Instant::now();
+        let mut sum = 0u64;
+        for _ in 0..VMKIT_BATCH {
+            sum = sum.wrapping_add(self.vmkit_once(op, black_box(gva)).unwrap_or(0));
+        }
+        black_box(sum);
+        start.elapsed().as_secs_f64() * 1e9 / f64::from(VMKIT_BATCH)
+    }
+
+    /// Nanoseconds per `KVM_TRANSLATE` of the operation's address.
+    fn baseline(&self, op: Op) -> f64 {
+        let gva = op.gva();
+        let start = Instant::now();
+        let mut sum = 0u64;
+        for _ in 0..KVM_BATCH {
+            let t = self.b.vcpu.fd().translate_gva(black_box(gva)).unwrap();
+            sum = sum.wrapping_add(t.physical_address);
+        }
+        black_box(sum);
+        start.elapsed().as_secs_f64() * 1e9 / f64::from(KVM_BATCH)
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let b = Bench::new();
     b.check();
@@ -222,6 +409,18 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function(format!("kvm_translate_{ADDRESSES}"), |x| {
         x.iter_custom(|iters| (0..iters).map(|_| b.baseline().1).sum())
+    });
+    let mut single = Single::new(&b);
+    single.check();
+    for op in Op::ALL {
+        let gva = op.gva();
+        group.bench_function(
+            format!("vmkit_{}", op.name().trim_end_matches("_ns")),
+            |x| x.iter(|| single.vmkit_once(op, black_box(gva))),
+        );
+    }
+    group.bench_function("kvm_translate_one", |x| {
+        x.iter(|| b.vcpu.fd().translate_gva(black_box(GVA_4K)).unwrap())
     });
     group.finish();
 }
@@ -266,6 +465,37 @@ fn compare() {
         "compare: translate_ns vmkit={a:.1} baseline(KVM_TRANSLATE)={z:.1} ratio={:.3}",
         a / z
     );
+
+    // The single-address operations, each round visiting all of them.
+    let mut single = Single::new(&b);
+    single.check();
+    let mut samples = [(); 4].map(|_| (Vec::new(), Vec::new()));
+    for op in Op::ALL {
+        single.vmkit(op);
+        single.baseline(op);
+    }
+    for round in 0..rounds {
+        for (op, (ours, theirs)) in Op::ALL.into_iter().zip(samples.iter_mut()) {
+            if round % 2 == 0 {
+                ours.push(single.vmkit(op));
+                theirs.push(single.baseline(op));
+            } else {
+                theirs.push(single.baseline(op));
+                ours.push(single.vmkit(op));
+            }
+        }
+    }
+    eprintln!(
+        "translate: single addresses, {rounds} interleaved rounds of {VMKIT_BATCH} vmkit calls and {KVM_BATCH} KVM_TRANSLATE calls each"
+    );
+    for (op, (ours, theirs)) in Op::ALL.into_iter().zip(samples) {
+        let (a, z) = (median(ours), median(theirs));
+        println!(
+            "compare: {} vmkit={a:.1} baseline(KVM_TRANSLATE)={z:.1} ratio={:.4}",
+            op.name(),
+            a / z
+        );
+    }
 }
 
 fn main() {

@@ -48,6 +48,18 @@
 //! map, or the old frame of a remapped page; CPL0 accesses, which KVM
 //! emulates with a fresh walk, were not affected in the sample printed).
 //!
+//! [`shadow_tables_compose_ept_stage2`] and
+//! [`shadow_tables_compose_npt_stage2`]: the shadow tables compose a guest's
+//! own tables with a stage-2 map built by `EptBuilder` / `NptBuilder` (the
+//! shadow MMU's `HostMap` asks the EPT/NPT tables), which shuffles the
+//! guest's data frames to other host pages. A guest reads and writes those
+//! pages; every value must come from, and go to, the host page that guest
+//! tables ∘ stage 2 (also computed by `walk_2d`) name, never the frame's
+//! identity address. Then a guest PTE is remapped (`observe_write`) and a
+//! stage-2 entry remapped (new `HostMap` generation and
+//! `memory_map_changed`), and a second run must follow the new composition.
+//! Each run uses a fresh VM, for the reason above.
+//!
 //! `VMKIT_ORACLE_SEED` picks another random seed (printed on failure).
 #![allow(clippy::unwrap_used)]
 
@@ -56,9 +68,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 
 use vmkit_memory::paging::{
-    Access, AccessKind, ControlRegs, CpuFeatures, FaultOutcome, IdentityMap, PageFlags, PageSize,
-    PageTableBuilder, PagingContext, Privilege, ShadowConfig, ShadowMmu, TableFormat, Vendor,
-    WalkError, WalkMode,
+    walk_2d, Access, AccessKind, ControlRegs, CpuFeatures, EptBuilder, EptCapabilities, EptContext,
+    EptFlags, FaultOutcome, HostMap, IdentityMap, NptBuilder, NptContext, NptFlags, NptHost,
+    PageFlags, PageSize, PageTableBuilder, PagingContext, Privilege, ShadowConfig, ShadowMmu,
+    Stage2Access, Stage2Context, TableFormat, Vendor, WalkError, WalkMode,
 };
 use vmkit_memory::vm_memory::{Bytes, GuestAddress};
 use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
@@ -1295,4 +1308,350 @@ fn guest_runs_on_shadow_page_tables() {
     );
     assert!(wp_off_rounds == 0 || counts.emulated > 0, "{counts:?}");
     assert!(ad_updates > 0);
+}
+
+// ---------------------------------------------------------------------
+// Shadow tables composed with a nested (EPT or NPT) stage-2 map.
+// ---------------------------------------------------------------------
+
+/// Guest-virtual pages the stage-2 guest reads and writes (4 KiB each).
+const S2_GVA: u64 = 0x0000_4000_0000;
+const S2_PAGES: u64 = 6;
+/// Their guest-physical frames (the guest's own tables map page `i` to
+/// frame `i`)...
+const S2_GPA: u64 = 0x100_0000;
+/// ...and where stage 2 puts those frames: frame `i` at host page
+/// `S2_HOST + (i * 5 % 8) * 4 KiB` (non-identity, shuffled).
+const S2_HOST: u64 = 0x180_0000;
+/// Spare host pages for the stage-2 edit.
+const S2_SPARE: u64 = 0x1c0_0000;
+/// Stage-2 tables (EPT or NPT format).
+const S2_TABLES: u64 = 0x60_0000;
+const S2_TABLES_LEN: u64 = 0x10_0000;
+/// Stage 2 maps `0..S2_IDENTITY` to itself: the kernel, the guest's page
+/// tables, the shadow area and the stage-2 tables. The shadow MMU walks the
+/// guest's tables in (host) memory at their guest-physical addresses, so
+/// its table pages must be where stage 2 puts them.
+const S2_IDENTITY: u64 = 0x80_0000;
+/// Where the guest stores what it read.
+const S2_RESULTS: u64 = RESULTS;
+
+fn s2_host_of(frame: u64) -> u64 {
+    S2_HOST + (frame * 5 % 8) * 4096
+}
+
+/// A value that says which host page (and which run) it sits in.
+fn s2_marker(host_page: u64) -> u64 {
+    0x5eed_0000_0000_0000 | host_page
+}
+
+/// Either stage-2 builder.
+enum Stage2Tables<'m> {
+    Ept(EptBuilder<'m, GuestMemoryMmap>),
+    Npt(NptBuilder<'m, GuestMemoryMmap>),
+}
+
+impl Stage2Tables<'_> {
+    fn map(&mut self, gpa: u64, hpa: u64, size: PageSize) {
+        match self {
+            Stage2Tables::Ept(b) => b.map(gpa, hpa, size, EptFlags::default()).unwrap(),
+            Stage2Tables::Npt(b) => b.map(gpa, hpa, size, NptFlags::default()).unwrap(),
+        }
+    }
+
+    fn unmap(&mut self, gpa: u64, size: PageSize) {
+        match self {
+            Stage2Tables::Ept(b) => b.unmap(gpa, size).unwrap(),
+            Stage2Tables::Npt(b) => b.unmap(gpa, size).unwrap(),
+        }
+    }
+
+    fn context(&self) -> Stage2Context {
+        match self {
+            Stage2Tables::Ept(b) => EptContext::new(b.eptp(false), &EptCapabilities::default())
+                .unwrap()
+                .into(),
+            Stage2Tables::Npt(b) => NptContext::new(b.ncr3(), &NptHost::default())
+                .unwrap()
+                .into(),
+        }
+    }
+}
+
+/// The shadow MMU's [`HostMap`] through a stage-2 map: a guest-physical
+/// page's final address is where the EPT/NPT tables (read from memory on
+/// every question) put it. `generation` is raised after every stage-2
+/// edit.
+struct Stage2Map<'m> {
+    stage2: Stage2Context,
+    memory: &'m GuestMemoryMmap,
+    generation: u64,
+}
+
+impl HostMap for Stage2Map<'_> {
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn host_page(&self, gpa_page: u64) -> Option<u64> {
+        let access = Stage2Access::Data(AccessKind::Write);
+        self.stage2
+            .translate(self.memory, gpa_page, access, None, WalkMode::Probe)
+            .ok()
+            .map(|t| t.hpa & !0xfff)
+    }
+}
+
+/// The stage-2 guest: reads the first qword of every `S2_GVA` page into
+/// `S2_RESULTS`, writes `s2_write_value(i)` to the second qword of each,
+/// and reports `GUEST_DONE`.
+fn s2_guest_code(run: u64) -> Vec<u8> {
+    use iced_x86::code_asm::*;
+    common::assemble_at(64, KERNEL_CODE, |a| {
+        for i in 0..S2_PAGES {
+            a.mov(rbx, S2_GVA + i * 4096)?;
+            a.mov(rax, qword_ptr(rbx))?;
+            a.mov(qword_ptr(S2_RESULTS + 8 * i), rax)?;
+            a.mov(rax, s2_write_value(run, i))?;
+            a.mov(qword_ptr(rbx + 8), rax)?;
+        }
+        a.mov(al, GUEST_DONE)?;
+        a.out(u32::from(common::EXIT_PORT), al)?;
+        a.hlt()?;
+        Ok(())
+    })
+}
+
+fn s2_write_value(run: u64, i: u64) -> u64 {
+    0x00c0_ffee_0000_0000 | run << 16 | i
+}
+
+/// Fills every page the guest touches into the shadow tables (so the guest
+/// runs without a fault handler) and returns the shadow root.
+fn s2_prefault(mmu: &mut ShadowMmu<'_, GuestMemoryMmap>, host: &Stage2Map<'_>) -> u64 {
+    let mut root = None;
+    let kernel = (GDT..KERNEL_END).step_by(4096).chain([SCRATCH_GDT]);
+    let data = (0..S2_PAGES).map(|i| S2_GVA + i * 4096);
+    for page in kernel.chain(data) {
+        match mmu
+            .fault(host, page, Access::write(Privilege::Supervisor))
+            .unwrap()
+        {
+            FaultOutcome::Mapped { shadow_root, .. } => {
+                assert!(root.is_none_or(|r| r == shadow_root));
+                root = Some(shadow_root);
+            }
+            other => panic!("page {page:#x}: {other:?}"),
+        }
+    }
+    root.unwrap()
+}
+
+/// Runs the guest of `run` in a fresh VM over `memory` with CR3 =
+/// `shadow_root`. A fresh VM every time: kvm_pvm keeps its own shadow of
+/// our shadow tables and does not see the host's edits of them (module
+/// documentation), so after an invalidation the vCPU moves to a new VM.
+fn s2_run(memory: &GuestMemoryMmap, shadow_root: u64, run: u64) {
+    memory
+        .write_slice(&s2_guest_code(run), GuestAddress(KERNEL_CODE))
+        .unwrap();
+    let (_vm, mut vcpu) = vm_over(memory);
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cr3 = shadow_root;
+    vcpu.set_sregs(&sregs).unwrap();
+    let bus = common::bus();
+    match vcpu.run(&bus).unwrap() {
+        StopReason::Exit(GUEST_DONE) => {}
+        other => panic!(
+            "run {run}: the stage-2 guest stopped with {other:?} at rip {:#x}",
+            vcpu.regs().unwrap().rip
+        ),
+    }
+}
+
+/// Checks that run `run` read and wrote, for every guest page `i`, the host
+/// page `expected[i]` (and nothing at the identity address of its frame).
+fn s2_check(memory: &GuestMemoryMmap, frames: &[u64], expected: &[u64], run: u64, what: &str) {
+    for (i, (&frame, &host_page)) in frames.iter().zip(expected).enumerate() {
+        let i = i as u64;
+        let read: u64 = memory.read_obj(GuestAddress(S2_RESULTS + 8 * i)).unwrap();
+        assert_eq!(
+            read,
+            s2_marker(host_page),
+            "{what}: page {i} (frame {frame:#x}) read from the wrong host page"
+        );
+        let written: u64 = memory.read_obj(GuestAddress(host_page + 8)).unwrap();
+        assert_eq!(
+            written,
+            s2_write_value(run, i),
+            "{what}: page {i}'s write did not land at host {host_page:#x}"
+        );
+        let identity: u64 = memory.read_obj(GuestAddress(frame + 8)).unwrap();
+        assert_eq!(
+            identity, 0,
+            "{what}: page {i}'s write reached its frame {frame:#x} untranslated"
+        );
+    }
+}
+
+/// The guest's accesses land where guest tables ∘ stage 2 say, before and
+/// after a guest PTE edit and a stage-2 edit, each with its invalidation.
+fn shadow_tables_compose_stage2(ept: bool) {
+    let memory = new_memory();
+    let (_vm, vcpu) = vm_over(&memory);
+    let features = features(&vcpu);
+    drop((_vm, vcpu));
+    // The guest's own tables: the kernel identity-mapped by a 2 MiB page,
+    // data page i at frame S2_GPA + i * 4 KiB.
+    let mut tables = PageTableBuilder::new(
+        &memory,
+        TableFormat::Level4,
+        GuestAddress(TABLES[0]),
+        TABLES_LEN,
+    )
+    .unwrap();
+    tables
+        .map(0, 0, PageSize::Size2M, PageFlags::default())
+        .unwrap();
+    let mut frames: Vec<u64> = (0..S2_PAGES).map(|i| S2_GPA + i * 4096).collect();
+    for (i, &frame) in frames.iter().enumerate() {
+        let gva = S2_GVA + i as u64 * 4096;
+        tables
+            .map(gva, frame, PageSize::Size4K, PageFlags::default())
+            .unwrap();
+    }
+    // Stage 2: identity below S2_IDENTITY, the frames shuffled elsewhere.
+    let mut stage2 = if ept {
+        Stage2Tables::Ept(
+            EptBuilder::new(&memory, false, GuestAddress(S2_TABLES), S2_TABLES_LEN).unwrap(),
+        )
+    } else {
+        Stage2Tables::Npt(
+            NptBuilder::new(&memory, false, GuestAddress(S2_TABLES), S2_TABLES_LEN).unwrap(),
+        )
+    };
+    for page in (0..S2_IDENTITY).step_by(2 << 20) {
+        stage2.map(page, page, PageSize::Size2M);
+    }
+    for frame in 0..8 {
+        stage2.map(S2_GPA + frame * 4096, s2_host_of(frame), PageSize::Size4K);
+    }
+    // Every candidate host page says who it is; the frames' identity
+    // addresses hold zeros (nothing may reach them).
+    for page in (S2_HOST..S2_HOST + 8 * 4096).step_by(4096) {
+        memory
+            .write_obj(s2_marker(page), GuestAddress(page))
+            .unwrap();
+    }
+    memory
+        .write_obj(s2_marker(S2_SPARE), GuestAddress(S2_SPARE))
+        .unwrap();
+    let mut host = Stage2Map {
+        stage2: stage2.context(),
+        memory: &memory,
+        generation: 0,
+    };
+    let regs = guest_regs(tables.root(), true);
+    let guest_ctx = PagingContext::new(&regs, &features).unwrap();
+    let config = ShadowConfig {
+        capacity: 1024,
+        max_spaces: 1,
+        shadow_area: Some((GuestAddress(SHADOW), SHADOW_LEN)),
+    };
+    let mut mmu = ShadowMmu::new(&memory, &regs, &features, &config).unwrap();
+
+    // The composition, by the 2-D walker, for comparison.
+    let composed = |host: &Stage2Map<'_>| -> Vec<u64> {
+        (0..S2_PAGES)
+            .map(|i| {
+                let gva = S2_GVA + i * 4096;
+                let access = Access::read(Privilege::Supervisor);
+                walk_2d(
+                    &guest_ctx,
+                    &host.stage2,
+                    &memory,
+                    gva,
+                    access,
+                    WalkMode::Probe,
+                )
+                .unwrap()
+                .hpa
+            })
+            .collect()
+    };
+
+    // Run 1: the initial mapping.
+    let mut expected: Vec<u64> = (0..S2_PAGES).map(s2_host_of).collect();
+    assert_eq!(composed(&host), expected, "2-D walk of the initial map");
+    let root = s2_prefault(&mut mmu, &host);
+    for i in 0..S2_PAGES {
+        let t = mmu.peek(S2_GVA + i * 4096).unwrap();
+        assert_eq!(
+            t.host,
+            Some(expected[i as usize]),
+            "cached composition of page {i}"
+        );
+    }
+    s2_run(&memory, root, 1);
+    s2_check(&memory, &frames, &expected, 1, "initial map");
+
+    // Run 2: the guest remaps page 0 to frame 6 (a PTE write the VMM
+    // observed), and the VMM remaps frame 1 to the spare host page (a
+    // stage-2 edit: the memory map changed).
+    let pte = guest_ctx
+        .walk(
+            &memory,
+            S2_GVA,
+            Access::read(Privilege::Supervisor),
+            WalkMode::Probe,
+        )
+        .unwrap()
+        .entries
+        .leaf()
+        .unwrap()
+        .gpa;
+    tables.unmap(S2_GVA, PageSize::Size4K).unwrap();
+    frames[0] = S2_GPA + 6 * 4096;
+    tables
+        .map(S2_GVA, frames[0], PageSize::Size4K, PageFlags::default())
+        .unwrap();
+    mmu.observe_write(pte, 8);
+    stage2.unmap(frames[1], PageSize::Size4K);
+    stage2.map(frames[1], S2_SPARE, PageSize::Size4K);
+    host.generation += 1;
+    mmu.memory_map_changed();
+    assert!(
+        mmu.peek(S2_GVA).is_none(),
+        "the observed PTE write drops page 0"
+    );
+    expected[0] = s2_host_of(6);
+    expected[1] = S2_SPARE;
+    assert_eq!(composed(&host), expected, "2-D walk of the edited maps");
+    let root = s2_prefault(&mut mmu, &host);
+    for i in 0..S2_PAGES {
+        let t = mmu.peek(S2_GVA + i * 4096).unwrap();
+        assert_eq!(t.host, Some(expected[i as usize]), "re-composed page {i}");
+    }
+    // The old host page of frame 1 keeps run 1's write (run 2 went to the
+    // spare page).
+    s2_run(&memory, root, 2);
+    s2_check(&memory, &frames, &expected, 2, "after the edits");
+    let old: u64 = memory.read_obj(GuestAddress(s2_host_of(1) + 8)).unwrap();
+    assert_eq!(
+        old,
+        s2_write_value(1, 1),
+        "run 2 wrote to frame 1's old host page"
+    );
+}
+
+#[test]
+fn shadow_tables_compose_ept_stage2() {
+    require_kvm!();
+    shadow_tables_compose_stage2(true);
+}
+
+#[test]
+fn shadow_tables_compose_npt_stage2() {
+    require_kvm!();
+    shadow_tables_compose_stage2(false);
 }

@@ -94,7 +94,7 @@ use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError};
 use super::builder::{BuildError, PageTableBuilder, TableFormat};
 use super::context::{bits, ControlRegs, CpuFeatures, PagingContext, PagingError, Vendor};
 use super::walk::{
-    compare_exchange, walk_once, walk_tables, Access, AccessKind, EntryReader, PageSize,
+    compare_exchange, walk_once, walk_tables, Access, AccessKind, EntryReader, Outcome, PageSize,
     PfErrorCode, Privilege, Step, TableMemory, Translation, WalkEntries, WalkEntry, WalkError,
     WalkMode, MAX_AD_RETRIES, P, PS, RW, US, XD,
 };
@@ -889,9 +889,10 @@ impl NptContext {
             }
             return Err(fault(code));
         }
+        let mut entries = WalkEntries::default();
         for _ in 0..MAX_AD_RETRIES {
-            match walk_once(&self.ctx, tables, gpa, user_access, mode) {
-                Ok(Step::Done(t)) => return Ok(npt_translation(&t)),
+            match walk_once(&self.ctx, tables, gpa, user_access, mode, &mut entries) {
+                Ok(Step::Done(t)) => return Ok(npt_translation(t, entries)),
                 Ok(Step::Retry) => {}
                 Err(WalkError::PageFault { error_code, .. }) => return Err(fault(error_code)),
                 Err(e) => return Err(stage2_memory(e, 0, gpa)),
@@ -901,16 +902,16 @@ impl NptContext {
     }
 }
 
-fn npt_translation(t: &Translation) -> Stage2Translation {
+fn npt_translation(t: Outcome, entries: WalkEntries) -> Stage2Translation {
     Stage2Translation {
         hpa: t.gpa,
-        page_size: t.page_size,
+        page_size: t.page_size(),
         readable: true,
-        writable: t.writable,
-        executable: t.executable,
+        writable: t.writable(),
+        executable: t.executable(),
         memory_type: None,
         ignore_pat: false,
-        entries: t.entries,
+        entries,
     }
 }
 

@@ -390,6 +390,9 @@ pub struct ShadowMmu<'m, M: GuestMemory + ?Sized> {
     max_spaces: usize,
     cur: u16,
     slots: Vec<Slot>,
+    /// Per slot, its (page, space + 1) if valid, else (0, 0): what a probe
+    /// compares, kept apart so that a set's four tags share a cache line.
+    tags: Vec<(u64, u32)>,
     set_mask: usize,
     tick: u64,
     /// Guest page-table page → entries whose walk used it.
@@ -415,6 +418,7 @@ fn size_code(size: PageSize) -> u64 {
 }
 
 /// `gva` as the walker of `mode` uses it, or `None` if not canonical.
+#[inline]
 fn normalize(mode: PagingMode, gva: u64) -> Option<u64> {
     match mode {
         PagingMode::Level4 => is_canonical(gva, 48).then_some(gva),
@@ -437,6 +441,7 @@ fn same_shape(a: &PagingContext, b: &PagingContext) -> bool {
 }
 
 /// The protection-key register governing a page, if any.
+#[inline]
 fn keys(ctx: &PagingContext, user: bool) -> Option<u32> {
     if user {
         ctx.pke.then_some(ctx.pkru)
@@ -447,6 +452,7 @@ fn keys(ctx: &PagingContext, user: bool) -> Option<u32> {
 
 /// Whether `ctx` lets `access` through the cached entry without a walk
 /// (never more than [`walk`] allows; a write to a clean page walks).
+#[inline]
 fn permits(ctx: &PagingContext, slot: &Slot, access: Access) -> bool {
     let write = access.kind == AccessKind::Write;
     if write && !slot.dirty {
@@ -535,6 +541,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
             max_spaces: config.max_spaces,
             cur: 0,
             slots: vec![EMPTY; sets * WAYS],
+            tags: vec![(0, 0); sets * WAYS],
             set_mask: sets - 1,
             tick: 0,
             by_table: HashMap::new(),
@@ -664,9 +671,10 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
                             slot.host = resolve(host, slot.gpa_page);
                             slot.host_epoch = self.map_epoch;
                         }
-                        let slot = *slot;
                         self.stats.hits += 1;
-                        return Ok((i, self.view(&self.ctx, &slot, g, true)));
+                        if let Some(slot) = self.slots.get(i) {
+                            return Ok((i, self.view(&self.ctx, slot, g, true)));
+                        }
                     }
                 }
             }
@@ -868,6 +876,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         let live = self.slots.iter().filter(|s| s.valid).count() as u64;
         self.stats.invalidations += live;
         self.slots.fill(EMPTY);
+        self.tags.fill((0, 0));
         self.by_table.clear();
         self.by_region.clear();
         self.reset_shadow();
@@ -907,6 +916,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         self.settle();
     }
 
+    #[inline]
     fn sync_host<H: HostMap + ?Sized>(&mut self, host: &H) {
         let generation = host.generation();
         if self.host_generation != Some(generation) {
@@ -917,6 +927,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         }
     }
 
+    #[inline]
     fn view(&self, ctx: &PagingContext, slot: &Slot, gva: u64, hit: bool) -> ShadowTranslation {
         let offset = gva & (PAGE - 1);
         let host = if slot.host_epoch == self.map_epoch {
@@ -938,18 +949,22 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         }
     }
 
+    #[inline]
     fn set_of(&self, space: u16, vpn: u64) -> usize {
         let h = (vpn ^ (u64::from(space) << 52)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         ((h >> 32) as usize & self.set_mask) * WAYS
     }
 
+    #[inline]
     fn find(&self, space: u16, vpn: u64) -> Option<usize> {
         let base = self.set_of(space, vpn);
-        (base..base + WAYS).find(|&i| {
-            self.slots
-                .get(i)
-                .is_some_and(|s| s.valid && s.space == space && s.vpn == vpn)
-        })
+        let want = (vpn, u32::from(space) + 1);
+        let way = self
+            .tags
+            .get(base..base + WAYS)?
+            .iter()
+            .position(|&t| t == want)?;
+        Some(base + way)
     }
 
     /// Caches the walk `t` of `gva` (normalized) in the current space,
@@ -1026,8 +1041,9 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
                 .or_default()
                 .insert(id);
         }
-        if let Some(s) = self.slots.get_mut(victim) {
+        if let (Some(s), Some(tag)) = (self.slots.get_mut(victim), self.tags.get_mut(victim)) {
             *s = slot;
+            *tag = (vpn, u32::from(self.cur) + 1);
         }
         victim
     }
@@ -1043,6 +1059,9 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         }
         slot.valid = false;
         let slot = *slot;
+        if let Some(tag) = self.tags.get_mut(i) {
+            *tag = (0, 0);
+        }
         if invalidation {
             self.stats.invalidations += 1;
         }
@@ -1274,6 +1293,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
 }
 
 /// The host page of `gpa_page`, with invalid answers taken as not RAM.
+#[inline]
 fn resolve<H: HostMap + ?Sized>(host: &H, gpa_page: u64) -> Option<u64> {
     host.host_page(gpa_page)
         .filter(|h| h % PAGE == 0 && *h < 1 << 52)

@@ -10,10 +10,11 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use vm_memory::bitmap::{Bitmap, MS};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
-    Permissions, VolatileMemory, VolatileSlice,
+    Permissions, VolatileMemory,
 };
 
 use super::context::{PagingContext, PagingMode};
@@ -107,6 +108,7 @@ impl Access {
     }
 
     /// A dense index in `0..Access::COUNT`.
+    #[inline]
     pub fn index(self) -> usize {
         let kind = match self.kind {
             AccessKind::Read => 0,
@@ -261,6 +263,7 @@ pub enum PageSize {
 
 impl PageSize {
     /// Bytes in the page.
+    #[inline]
     pub const fn bytes(self) -> u64 {
         match self {
             PageSize::Size4K => 1 << 12,
@@ -398,14 +401,88 @@ impl WalkError {
 }
 
 /// Whether `gva` is canonical for a linear-address width of `width` bits.
+#[inline]
 pub(crate) fn is_canonical(gva: u64, width: u32) -> bool {
     let shift = 64 - width;
     (((gva << shift) as i64) >> shift) as u64 == gva
 }
 
+/// How one attempt of a walk ended.
 pub(crate) enum Step {
-    Done(Translation),
+    /// The translation, without its entries (the caller's list holds them).
+    Done(Outcome),
+    /// An accessed/dirty update lost a race: walk again.
     Retry,
+}
+
+/// A translation without its entries, packed into two words so that it is
+/// passed along in registers (the walk's result is built once, from it).
+#[derive(Clone, Copy)]
+pub(crate) struct Outcome {
+    /// The guest-physical address.
+    pub(crate) gpa: u64,
+    /// Bits 1:0 page size (4K, 2M, 4M, 1G), bit 2 writable, bit 3 user,
+    /// bit 4 executable, bit 5 a protection key is reported, bits 11:8 the
+    /// key.
+    bits: u32,
+}
+
+impl Outcome {
+    fn new(
+        gpa: u64,
+        page_size: PageSize,
+        writable: bool,
+        user: bool,
+        executable: bool,
+        pkey: Option<u8>,
+    ) -> Outcome {
+        let size = match page_size {
+            PageSize::Size4K => 0,
+            PageSize::Size2M => 1,
+            PageSize::Size4M => 2,
+            PageSize::Size1G => 3,
+        };
+        let key = pkey.map_or(0, |k| 1 << 5 | u32::from(k & 0xf) << 8);
+        Outcome {
+            gpa,
+            bits: size
+                | u32::from(writable) << 2
+                | u32::from(user) << 3
+                | u32::from(executable) << 4
+                | key,
+        }
+    }
+
+    pub(crate) fn page_size(self) -> PageSize {
+        match self.bits & 3 {
+            0 => PageSize::Size4K,
+            1 => PageSize::Size2M,
+            2 => PageSize::Size4M,
+            _ => PageSize::Size1G,
+        }
+    }
+
+    pub(crate) fn writable(self) -> bool {
+        self.bits & 1 << 2 != 0
+    }
+
+    pub(crate) fn executable(self) -> bool {
+        self.bits & 1 << 4 != 0
+    }
+
+    /// The full translation, with the entries the walk used.
+    #[inline]
+    pub(crate) fn translation(self, entries: WalkEntries) -> Translation {
+        Translation {
+            gpa: self.gpa,
+            page_size: self.page_size(),
+            writable: self.writable(),
+            user: self.bits & 1 << 3 != 0,
+            executable: self.executable(),
+            pkey: (self.bits & 1 << 5 != 0).then_some((self.bits >> 8) as u8 & 0xf),
+            entries,
+        }
+    }
 }
 
 /// Where a walk reads paging-structure entries from and writes their
@@ -452,6 +529,7 @@ pub fn walk<M: GuestMemory + ?Sized>(
 }
 
 /// [`walk`] over any [`TableMemory`].
+#[inline]
 pub(crate) fn walk_tables<T: TableMemory>(
     ctx: &PagingContext,
     tables: &mut T,
@@ -484,9 +562,10 @@ pub(crate) fn walk_tables<T: TableMemory>(
         }
         PagingMode::Bits32 | PagingMode::Pae => gva & 0xffff_ffff,
     };
+    let mut entries = WalkEntries::default();
     for _ in 0..MAX_AD_RETRIES {
-        if let Step::Done(t) = walk_once(ctx, tables, gva, access, mode)? {
-            return Ok(t);
+        if let Step::Done(t) = walk_once(ctx, tables, gva, access, mode, &mut entries)? {
+            return Ok(t.translation(entries));
         }
     }
     Err(WalkError::Contended { address: gva }.into())
@@ -506,52 +585,98 @@ impl PagingContext {
 }
 
 /// Reads paging-structure entries, remembering the guest memory region of
-/// the previous entry so that a walk usually looks a region up once.
+/// the previous entry so that a walk looks a region up once and then reads
+/// entries straight from its mapping.
 pub(crate) struct EntryReader<'a, M: GuestMemory + ?Sized> {
     memory: &'a M,
-    /// Start, length and contents of the last region used.
-    region: Option<(u64, u64, RegionSlice<'a, M>)>,
+    /// The mapping of the last region used.
+    window: Option<Window>,
 }
 
-/// The contents of one guest memory region.
-type RegionSlice<'a, M> = VolatileSlice<'a, MS<'a, <M as GuestMemory>::PhysicalMemory>>;
+/// The host mapping of one guest memory region, kept for one walk.
+struct Window {
+    /// Guest-physical address of the region's first byte.
+    start: u64,
+    /// Bytes in the region.
+    len: u64,
+    /// Keeps the region mapped (a no-op except for vm-memory's Xen
+    /// backend) and holds the host address of its first byte.
+    guard: PtrGuard,
+}
 
 impl<'a, M: GuestMemory + ?Sized> EntryReader<'a, M> {
     pub(crate) fn new(memory: &'a M) -> Self {
         EntryReader {
             memory,
-            region: None,
+            window: None,
         }
     }
 
+    /// Reads the entry of `level` at `gpa` (8 bytes if `wide`, else 4) with
+    /// an atomic load.
+    #[inline]
     pub(crate) fn read(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, WalkError> {
-        let err = |source| WalkError::Memory { level, gpa, source };
-        let Some(physical) = self.memory.physical_memory() else {
-            return read_entry(self.memory, wide, level, gpa);
-        };
-        let cached =
-            matches!(&self.region, Some((start, len, _)) if gpa.wrapping_sub(*start) < *len);
-        if !cached {
-            let region = physical.find_region(GuestAddress(gpa)).ok_or(err(
-                GuestMemoryError::InvalidGuestAddress(GuestAddress(gpa)),
-            ))?;
-            let slice = region.as_volatile_slice().map_err(err)?;
-            self.region = Some((region.start_addr().0, region.len(), slice));
+        if let Some(value) = self.read_mapped(wide, gpa) {
+            return Ok(value);
         }
-        let Some((start, _, slice)) = &self.region else {
-            return read_entry(self.memory, wide, level, gpa);
-        };
-        let offset = (gpa - start) as usize;
-        let value = if wide {
-            slice
-                .load::<u64>(offset, Ordering::Acquire)
-                .map(u64::from_le)
+        self.read_slow(wide, level, gpa)
+    }
+
+    /// Reads the entry from the remembered mapping, if it holds all of it.
+    #[inline]
+    fn read_mapped(&self, wide: bool, gpa: u64) -> Option<u64> {
+        let w = self.window.as_ref()?;
+        let size: u64 = if wide { 8 } else { 4 };
+        let offset = gpa.wrapping_sub(w.start);
+        if offset >= w.len || w.len - offset < size {
+            return None;
+        }
+        // In bounds: `offset + size <= len`, and `len` fits in a usize
+        // because it is the length of a mapping.
+        let ptr = w.guard.as_ptr().wrapping_add(offset as usize).cast_mut();
+        if ptr as usize % size as usize != 0 {
+            return None;
+        }
+        Some(if wide {
+            // SAFETY: `ptr` points at 8 bytes inside the region's mapping
+            // (checked above), is 8-byte aligned (checked above) and stays
+            // mapped while `w.guard` and the borrow of `memory` live, which
+            // outlast the reference. vm-memory hands out the same
+            // `&AtomicU64` for this memory (`VolatileSlice::get_atomic_ref`,
+            // used by `Bytes::load`), so this makes no assumption about
+            // concurrent guest accesses that vm-memory does not already
+            // make; the entry is only loaded, never written.
+            let atomic = unsafe { AtomicU64::from_ptr(ptr.cast::<u64>()) };
+            u64::from_le(atomic.load(Ordering::Acquire))
         } else {
-            slice
-                .load::<u32>(offset, Ordering::Acquire)
-                .map(|v| u64::from(u32::from_le(v)))
-        };
-        value.map_err(|e| err(e.into()))
+            // SAFETY: as above, for 4 bytes with 4-byte alignment.
+            let atomic = unsafe { AtomicU32::from_ptr(ptr.cast::<u32>()) };
+            u64::from(u32::from_le(atomic.load(Ordering::Acquire)))
+        })
+    }
+
+    /// Looks the region of `gpa` up and remembers its mapping, then reads
+    /// the entry from it (or through vm-memory if that cannot be done).
+    #[cold]
+    #[inline(never)]
+    fn read_slow(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, WalkError> {
+        let err = |source| WalkError::Memory { level, gpa, source };
+        if let Some(region) = self
+            .memory
+            .physical_memory()
+            .and_then(|physical| physical.find_region(GuestAddress(gpa)))
+        {
+            let slice = region.as_volatile_slice().map_err(err)?;
+            self.window = Some(Window {
+                start: region.start_addr().0,
+                len: slice.len() as u64,
+                guard: slice.ptr_guard(),
+            });
+            if let Some(value) = self.read_mapped(wide, gpa) {
+                return Ok(value);
+            }
+        }
+        read_entry(self.memory, wide, level, gpa)
     }
 }
 
@@ -644,12 +769,14 @@ pub(crate) fn compare_exchange<M: GuestMemory + ?Sized>(
     Ok(swapped)
 }
 
+#[inline]
 pub(crate) fn walk_once<T: TableMemory>(
     ctx: &PagingContext,
     tables: &mut T,
     gva: u64,
     access: Access,
     mode: WalkMode,
+    entries: &mut WalkEntries,
 ) -> Result<Step, T::Error> {
     let wide = ctx.mode != PagingMode::Bits32;
     let write = access.kind == AccessKind::Write;
@@ -668,7 +795,7 @@ pub(crate) fn walk_once<T: TableMemory>(
         address: gva,
     };
 
-    let mut entries = WalkEntries::default();
+    *entries = WalkEntries::default();
     let mut level = ctx.mode.levels();
     let mut table = ctx.root;
     if ctx.mode == PagingMode::Pae {
@@ -786,13 +913,12 @@ pub(crate) fn walk_once<T: TableMemory>(
         }
     }
 
-    Ok(Step::Done(Translation {
-        gpa: base | (gva & (page_size.bytes() - 1)),
+    Ok(Step::Done(Outcome::new(
+        base | (gva & (page_size.bytes() - 1)),
         page_size,
         writable,
         user,
         executable,
-        pkey: keys.map(|_| key),
-        entries,
-    }))
+        keys.map(|_| key),
+    )))
 }
