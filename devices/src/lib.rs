@@ -77,6 +77,7 @@ pub mod interrupt;
 pub mod pci;
 pub mod rtc;
 pub mod serial;
+pub mod state;
 
 pub use boot_timer::{BootTime, BootTimer};
 pub use bus::{
@@ -94,4 +95,5 @@ pub use pci::{
     PciDevice, PciError, PciHeader, PciRoot, PciRootStats, PciWindows, ECAM_BUS_SIZE,
 };
 pub use rtc::{Rtc, RtcError};
-pub use serial::Serial;
+pub use serial::{Serial, SerialState};
+pub use state::StateError;

@@ -57,6 +57,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bus::{BusDevice, DeviceError, IoAction};
 use crate::interrupt::InterruptLine;
+use crate::state::{StateError, StateReader, StateWriter};
 
 /// Default capacity of the receive FIFO, in bytes.
 pub const DEFAULT_RX_CAPACITY: usize = 64;
@@ -522,6 +523,154 @@ impl BusDevice for Serial {
                 len: data.len(),
             }),
         }
+    }
+}
+
+/// The guest-visible state of a [`Serial`], for snapshots.
+///
+/// Encoding (tag `UART`, version 1; see [`crate::state`]): `ier`, `lcr`,
+/// `mcr`, `lsr_errors`, `msr_delta`, `scr`, `dll`, `dlm`, `fcr` (one byte
+/// each), `thr_pending` (bool), `dropped_input` (u64), `rx` (byte string,
+/// oldest byte first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialState {
+    /// Interrupt Enable Register (bits 0-3).
+    pub ier: u8,
+    /// Line Control Register.
+    pub lcr: u8,
+    /// Modem Control Register (bits 0-4).
+    pub mcr: u8,
+    /// Sticky LSR error bits (OE, PE, FE, BI).
+    pub lsr_errors: u8,
+    /// MSR delta bits (0-3).
+    pub msr_delta: u8,
+    /// Scratch register.
+    pub scr: u8,
+    /// Divisor latch, low byte.
+    pub dll: u8,
+    /// Divisor latch, high byte.
+    pub dlm: u8,
+    /// The remembered FCR bits (enable, DMA mode, trigger level).
+    pub fcr: u8,
+    /// A THR-empty interrupt is pending.
+    pub thr_pending: bool,
+    /// Host input bytes dropped so far.
+    pub dropped_input: u64,
+    /// The receive FIFO, oldest byte first.
+    pub rx: Vec<u8>,
+}
+
+const SERIAL_TAG: [u8; 4] = *b"UART";
+const SERIAL_VERSION: u8 = 1;
+/// Largest receive FIFO a state may carry (far above any real capacity;
+/// the device's own capacity is checked on restore).
+const SERIAL_MAX_RX: usize = 1 << 20;
+
+impl SerialState {
+    /// Encodes the state (tag `UART`, version 1).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(SERIAL_TAG, SERIAL_VERSION);
+        w.u8(self.ier)
+            .u8(self.lcr)
+            .u8(self.mcr)
+            .u8(self.lsr_errors)
+            .u8(self.msr_delta)
+            .u8(self.scr)
+            .u8(self.dll)
+            .u8(self.dlm)
+            .u8(self.fcr)
+            .bool(self.thr_pending)
+            .u64(self.dropped_input)
+            .bytes(&self.rx);
+        w.finish()
+    }
+
+    /// Decodes and checks a state written by [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("serial", bytes, SERIAL_TAG, SERIAL_VERSION)?;
+        let mut reg = |field: &'static str, mask: u8| -> Result<u8, StateError> {
+            let v = r.u8()?;
+            if v & !mask != 0 {
+                return Err(r.invalid(field, format!("{v:#04x} has bits outside {mask:#04x}")));
+            }
+            Ok(v)
+        };
+        let state = Self {
+            ier: reg("ier", IER_MASK)?,
+            lcr: reg("lcr", 0xFF)?,
+            mcr: reg("mcr", MCR_MASK)?,
+            lsr_errors: reg("lsr_errors", LSR_ERRORS)?,
+            msr_delta: reg("msr_delta", MSR_DELTAS)?,
+            scr: reg("scr", 0xFF)?,
+            dll: reg("dll", 0xFF)?,
+            dlm: reg("dlm", 0xFF)?,
+            fcr: reg("fcr", FCR_STORED)?,
+            thr_pending: r.bool("thr_pending")?,
+            dropped_input: r.u64()?,
+            rx: r.bytes("rx", SERIAL_MAX_RX)?,
+        };
+        r.finish()?;
+        Ok(state)
+    }
+}
+
+impl Serial {
+    /// The register state, receive FIFO included, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        let st = self.lock_state();
+        SerialState {
+            ier: st.ier,
+            lcr: st.lcr,
+            mcr: st.mcr,
+            lsr_errors: st.lsr_errors,
+            msr_delta: st.msr_delta,
+            scr: st.scr,
+            dll: st.dll,
+            dlm: st.dlm,
+            fcr: st.fcr,
+            thr_pending: st.thr_pending,
+            dropped_input: st.dropped_input,
+            rx: st.rx.iter().copied().collect(),
+        }
+    }
+
+    /// Restores a state from [`save_state`](Self::save_state) and drives
+    /// the interrupt line to the level it implies. Refuses (leaving the
+    /// UART unchanged) a state whose receive FIFO holds more bytes than
+    /// this UART's capacity, or whose registers have bits a guest cannot
+    /// set.
+    pub fn restore_state(&self, state: &SerialState) -> Result<(), StateError> {
+        // Re-check the registers: the state may have been built in memory
+        // rather than decoded.
+        SerialState::from_bytes(&state.to_bytes())?;
+        let mut st = self.lock_state();
+        if state.rx.len() > st.rx_capacity {
+            return Err(StateError::Mismatch {
+                what: "serial",
+                reason: format!(
+                    "{} bytes in the receive FIFO, capacity is {}",
+                    state.rx.len(),
+                    st.rx_capacity
+                ),
+            });
+        }
+        st.ier = state.ier;
+        st.lcr = state.lcr;
+        st.mcr = state.mcr;
+        st.lsr_errors = state.lsr_errors;
+        st.msr_delta = state.msr_delta;
+        st.scr = state.scr;
+        st.dll = state.dll;
+        st.dlm = state.dlm;
+        st.fcr = state.fcr;
+        st.thr_pending = state.thr_pending;
+        st.dropped_input = state.dropped_input;
+        st.rx.clear();
+        st.rx.extend(state.rx.iter().copied());
+        // Drive the line whatever level was recorded before.
+        st.irq_level = st.pending() == IIR_NONE;
+        self.update_irq(&mut st);
+        Ok(())
     }
 }
 

@@ -8,6 +8,10 @@
 //! them. Rounds of every configuration are interleaved so that machine
 //! noise hits them alike; the medians are compared.
 //!
+//! The default device serves each read with one `preadv`; the `mapped`
+//! lines time the opt-in `BlockOptions::map_reads` mode (reads copied from
+//! a mapping of the image) on the same workload against the same memcpy.
+//!
 //! `VMKIT_BENCH_COMPARE_ONLY=1` prints only the `compare:` lines (CI);
 //! `VMKIT_BENCH_ROUNDS` sets the number of rounds (default 30).
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -62,11 +66,15 @@ struct Setup {
 }
 
 fn setup(image: &Image, format: RingFormat, size: u32) -> Setup {
+    setup_with(image, format, size, BlockOptions::default())
+}
+
+fn setup_with(image: &Image, format: RingFormat, size: u32, options: BlockOptions) -> Setup {
     let mem = MemoryLayout::new(64 << 20)
         .unwrap()
         .create_memory(&Default::default())
         .unwrap();
-    let dev = Block::open(&image.0, BlockOptions::default()).unwrap();
+    let dev = Block::open(&image.0, options).unwrap();
     let transport = Arc::new(
         MmioTransport::new(
             Box::new(dev),
@@ -171,14 +179,30 @@ fn compare() {
     let mut packed4 = setup(&image, RingFormat::Packed, 4096);
     let mut split512 = setup(&image, RingFormat::Split, 512);
     let mut packed512 = setup(&image, RingFormat::Packed, 512);
+    let mapped = BlockOptions {
+        map_reads: true,
+        ..Default::default()
+    };
+    let mut mapped4 = setup_with(&image, RingFormat::Split, 4096, mapped.clone());
+    let mut mapped512 = setup_with(&image, RingFormat::Split, 512, mapped);
     // Warm-up: page cache, worker threads, lazily mapped guest pages.
-    for s in [&mut split4, &mut packed4, &mut split512, &mut packed512] {
+    for s in [
+        &mut split4,
+        &mut packed4,
+        &mut split512,
+        &mut packed512,
+        &mut mapped4,
+        &mut mapped512,
+    ] {
         device_round(s);
         memcpy_round(s, &src);
     }
     let (mut d4, mut p4, mut m4, mut d512, mut p512, mut m512) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut x4, mut x512) = (vec![], vec![]);
     for _ in 0..rounds {
+        x4.push(device_round(&mut mapped4));
+        x512.push(device_round(&mut mapped512));
         d4.push(device_round(&mut split4));
         p4.push(device_round(&mut packed4));
         m4.push(memcpy_round(&split4, &src));
@@ -190,6 +214,7 @@ fn compare() {
     let mib_s = |d: Duration, size: u32| per_s(d) * f64::from(size) / f64::from(1 << 20);
     let (d4, p4, m4) = (median(d4), median(p4), median(m4));
     let (d512, p512, m512) = (median(d512), median(p512), median(m512));
+    let (x4, x512) = (median(x4), median(x512));
     println!(
         "virtio-blk reads, batches of {BATCH}, {rounds} rounds: 4 KiB split {:.0} req/s ({:.0} MiB/s), packed {:.0} req/s; 512 B split {:.0} req/s, packed {:.0} req/s",
         per_s(d4),
@@ -209,6 +234,18 @@ fn compare() {
         per_s(d512),
         per_s(m512),
         per_s(d512) / per_s(m512)
+    );
+    println!(
+        "compare: blk_read_4k_mapped_mib_per_s vmkit={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+        mib_s(x4, 4096),
+        mib_s(m4, 4096),
+        mib_s(x4, 4096) / mib_s(m4, 4096)
+    );
+    println!(
+        "compare: blk_read_512_mapped_req_per_s vmkit={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+        per_s(x512),
+        per_s(m512),
+        per_s(x512) / per_s(m512)
     );
     println!(
         "compare: blk_read_4k_packed_req_per_s vmkit={:.0} baseline(split ring)={:.0} ratio={:.3}",

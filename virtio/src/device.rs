@@ -12,6 +12,7 @@ use vmkit_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::queue::Queue;
+use vmkit_devices::StateError;
 
 /// Feature bits every vmkit transport offers on top of the device's own:
 /// `VIRTIO_F_VERSION_1` (modern interface only), indirect descriptors and
@@ -115,6 +116,43 @@ pub trait VirtioDevice: Send {
     /// Stops all work (workers are stopped and joined before this returns)
     /// and forgets the queues; the device can be activated again.
     fn reset(&mut self);
+
+    /// For a snapshot: stops all work (workers joined, every popped chain
+    /// either used or put back) and hands back the queues it was activated
+    /// with, by index, with their progress. The device is then inactive
+    /// but keeps its backend; the transport activates it again with the
+    /// same queues (or, on restore, a fresh device with restored ones).
+    ///
+    /// The default returns `None`: the device cannot be snapshotted while
+    /// active, and the transport refuses to save its state.
+    fn pause(&mut self) -> Option<Vec<Option<Queue>>> {
+        None
+    }
+
+    /// Device-specific state a snapshot must carry beyond what the
+    /// transport saves (configuration fields the driver or the device
+    /// changed, port state). The default has none.
+    fn save_device_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Restores [`save_device_state`](Self::save_device_state) into a
+    /// freshly created device, before it is activated. The default accepts
+    /// only the empty state.
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(StateError::Mismatch {
+                what: "virtio device",
+                reason: format!(
+                    "{} bytes of device state for a device type {} that keeps none",
+                    state.len(),
+                    self.device_type()
+                ),
+            })
+        }
+    }
 }
 
 /// Reads `data.len()` bytes of a config space image at `offset`, zero past

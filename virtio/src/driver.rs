@@ -790,6 +790,20 @@ impl<T: DriverTransport> Driver<T> {
         }
     }
 
+    /// Moves the driver, with its rings' bookkeeping (free descriptors,
+    /// chains in flight, ring positions), onto another transport and
+    /// guest memory: for snapshot tests that restore a device into a
+    /// fresh transport over a copy of guest memory and continue.
+    pub fn rebind<U: DriverTransport>(self, transport: U, mem: GuestMemoryMmap) -> Driver<U> {
+        Driver {
+            transport,
+            mem,
+            alloc_next: self.alloc_next,
+            queues: self.queues,
+            features: self.features,
+        }
+    }
+
     /// The transport.
     pub fn transport(&self) -> &T {
         &self.transport

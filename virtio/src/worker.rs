@@ -7,6 +7,7 @@
 //! worker wakes the thread through a private eventfd and joins it, so a
 //! device reset returns only once its worker is gone.
 
+use std::any::Any;
 use std::io;
 use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, RawFd};
@@ -46,7 +47,7 @@ pub struct WorkerSource {
 #[derive(Debug)]
 pub struct Worker {
     stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Box<dyn Any + Send>>>,
 }
 
 impl Worker {
@@ -81,7 +82,9 @@ impl Worker {
             .name(name.to_string())
             .spawn(move || {
                 let mut events = vec![EpollEvent::default(); 16];
-                loop {
+                // The loop runs in a closure so that the handler outlives
+                // it and is handed back on join (`stop_and_take`).
+                let mut run = || loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -98,7 +101,9 @@ impl Worker {
                             return;
                         }
                     }
-                }
+                };
+                run();
+                Box::new(handler) as Box<dyn Any + Send>
             })?;
         Ok(Self {
             stop,
@@ -109,6 +114,26 @@ impl Worker {
     /// Stops the thread and waits for it.
     pub fn stop(mut self) {
         self.shutdown();
+    }
+
+    /// Stops the thread, waits for it and hands back its handler (for a
+    /// device that returns its queues for a snapshot). `None` if the
+    /// thread panicked, could not be told to stop (it is then left
+    /// running and stopped on drop), or `H` is not the handler's type.
+    pub fn stop_and_take<H: WorkerHandler>(mut self) -> Option<H> {
+        let t = self.thread.take()?;
+        if let Err(e) = self.stop.write(1) {
+            log::error!("virtio worker: cannot signal stop: {e}");
+            self.thread = Some(t);
+            return None;
+        }
+        match t.join() {
+            Ok(handler) => handler.downcast::<H>().ok().map(|h| *h),
+            Err(_) => {
+                log::error!("virtio worker panicked");
+                None
+            }
+        }
     }
 
     fn shutdown(&mut self) {

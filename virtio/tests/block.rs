@@ -461,3 +461,66 @@ fn ring_wraps_many_times() {
         }
     }
 }
+
+#[test]
+fn mapped_reads_see_writes_zeroes_and_stay_in_range() {
+    let mapped = || BlockOptions {
+        map_reads: true,
+        ..Default::default()
+    };
+    for format in FORMATS {
+        for indirect in [false, true] {
+            // A partial trailing sector is not mapped nor readable.
+            let img = TempImage::new(64 * 512 + 100, pattern);
+            let mut r = block_rig(&img, mapped(), format);
+            let rep = request(&mut r, T_IN, 3, &[], 2048, indirect);
+            assert_eq!(rep.status, S_OK, "{format:?} indirect={indirect}");
+            assert_eq!(rep.used_len, 2049);
+            let want: Vec<u8> = (3 * 512..3 * 512 + 2048).map(pattern).collect();
+            assert_eq!(rep.data, want);
+            // A write through the file is visible to the next mapped read.
+            let new: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+            assert_eq!(request(&mut r, T_OUT, 10, &new, 0, indirect).status, S_OK);
+            let rep = request(&mut r, T_IN, 10, &[], 1024, indirect);
+            assert_eq!(rep.status, S_OK);
+            assert_eq!(rep.data, new);
+            // So is write-zeroes with unmap (a hole punched under the map).
+            assert_eq!(
+                request(&mut r, T_WRITE_ZEROES, 0, &range_bytes(10, 1, 1), 0, false).status,
+                S_OK
+            );
+            let rep = request(&mut r, T_IN, 10, &[], 512, indirect);
+            assert_eq!(rep.status, S_OK);
+            assert!(rep.data.iter().all(|&b| b == 0));
+            assert_eq!(request(&mut r, T_FLUSH, 0, &[], 0, indirect).status, S_OK);
+            // The last whole sector reads; one past it fails, as without
+            // the mapping.
+            assert_eq!(request(&mut r, T_IN, 63, &[], 512, indirect).status, S_OK);
+            assert_eq!(
+                request(&mut r, T_IN, 63, &[], 1024, indirect).status,
+                S_IOERR
+            );
+        }
+    }
+}
+
+#[test]
+fn mapped_reads_refuse_direct_and_accept_empty_images() {
+    let img = TempImage::new(4096, pattern);
+    let both = BlockOptions {
+        map_reads: true,
+        direct: true,
+        ..Default::default()
+    };
+    assert!(Block::open(&img.path, both).is_err());
+    let empty = TempImage::new(0, pattern);
+    let dev = Block::open(
+        &empty.path,
+        BlockOptions {
+            map_reads: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dev.capacity(), 0);
+}

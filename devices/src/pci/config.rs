@@ -3,6 +3,7 @@
 use std::fmt;
 
 use super::PciError;
+use crate::state::{StateError, StateReader, StateWriter};
 
 /// Size of a PCI Express configuration space.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
@@ -547,6 +548,101 @@ impl ConfigSpace {
         self.last_capability = Some(start);
         self.next_capability = (start + len + 3) & !3;
         Ok(u16::from(pointer))
+    }
+}
+
+/// The contents of a [`ConfigSpace`], for snapshots: all 4096 bytes as
+/// the guest and the device left them (command register, BAR addresses,
+/// capability registers such as MSI-X Message Control, device-specific
+/// registers).
+///
+/// Encoding (tag `PCFG`, version 1; see [`crate::state`]): `bytes` (byte
+/// string of exactly 4096 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSpaceState {
+    /// The configuration space, offset 0 first.
+    pub bytes: Vec<u8>,
+}
+
+const CONFIG_TAG: [u8; 4] = *b"PCFG";
+const CONFIG_VERSION: u8 = 1;
+
+impl ConfigSpaceState {
+    /// Encodes the state.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(CONFIG_TAG, CONFIG_VERSION);
+        w.bytes(&self.bytes);
+        w.finish()
+    }
+
+    /// Decodes a state; refuses any length but 4096 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("PCI config", bytes, CONFIG_TAG, CONFIG_VERSION)?;
+        let state = Self::read(&mut r)?;
+        r.finish()?;
+        Ok(state)
+    }
+
+    /// Reads the fields from a nested encoding.
+    pub fn read(r: &mut StateReader<'_>) -> Result<Self, StateError> {
+        let bytes = r.bytes("config space", CONFIG_SPACE_SIZE)?;
+        if bytes.len() != CONFIG_SPACE_SIZE {
+            return Err(r.invalid(
+                "config space",
+                format!("{} bytes, expected {CONFIG_SPACE_SIZE}", bytes.len()),
+            ));
+        }
+        Ok(Self { bytes })
+    }
+
+    /// Writes the fields into a nested encoding.
+    pub fn write(&self, w: &mut StateWriter) {
+        w.bytes(&self.bytes);
+    }
+}
+
+impl ConfigSpace {
+    /// The configuration space contents, for a snapshot.
+    pub fn save_state(&self) -> ConfigSpaceState {
+        ConfigSpaceState {
+            bytes: self.bytes.clone(),
+        }
+    }
+
+    /// Restores contents saved by [`save_state`](Self::save_state) into a
+    /// space built the same way (same identity, BARs and capabilities).
+    ///
+    /// Every bit of the type-0 header that is read-only to the guest
+    /// (except the status register, which devices update) must equal this
+    /// space's: a state of another device, or one with BAR type or
+    /// sub-size address bits a guest could not have written, is refused
+    /// and the space is left unchanged. Bytes from `0x40` on are copied as
+    /// they are.
+    pub fn restore_state(&mut self, state: &ConfigSpaceState) -> Result<(), StateError> {
+        if state.bytes.len() != CONFIG_SPACE_SIZE {
+            return Err(StateError::Invalid {
+                what: "PCI config",
+                field: "config space",
+                reason: format!("{} bytes, expected {CONFIG_SPACE_SIZE}", state.bytes.len()),
+            });
+        }
+        for offset in 0..CAPABILITIES_START {
+            if (STATUS..STATUS + 2).contains(&offset) {
+                continue;
+            }
+            let fixed = !(self.writable[offset] | self.w1c[offset]);
+            let (old, new) = (self.bytes[offset], state.bytes[offset]);
+            if (old ^ new) & fixed != 0 {
+                return Err(StateError::Mismatch {
+                    what: "PCI config",
+                    reason: format!(
+                        "read-only bits of byte {offset:#04x} differ ({new:#04x}, this device has {old:#04x})"
+                    ),
+                });
+            }
+        }
+        self.bytes.copy_from_slice(&state.bytes);
+        Ok(())
     }
 }
 

@@ -54,14 +54,15 @@ use std::fmt;
 
 pub use allocator::AddressAllocator;
 pub use config::{
-    Bar, BarKind, ConfigSpace, IntxPin, PciHeader, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE,
-    COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE, LEGACY_CONFIG_SPACE_SIZE,
-    STATUS_CAPABILITIES_LIST,
+    Bar, BarKind, ConfigSpace, ConfigSpaceState, IntxPin, PciHeader, COMMAND_BUS_MASTER,
+    COMMAND_INTX_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE,
+    LEGACY_CONFIG_SPACE_SIZE, STATUS_CAPABILITIES_LIST,
 };
 pub use device::{HostBridge, PciDevice, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
-pub use msix::{Msix, MsixLayout};
+pub use msix::{Msix, MsixLayout, MsixState};
 pub use root::{
-    PciRoot, PciRootStats, PciWindows, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_BUS_SIZE,
+    PciRoot, PciRootState, PciRootStats, PciWindows, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN,
+    ECAM_BUS_SIZE,
 };
 
 use crate::bus::BusError;

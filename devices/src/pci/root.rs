@@ -11,6 +11,7 @@ use super::{PciAddress, PciError, DEVICES_PER_BUS};
 use crate::bus::{
     AddressSpace, Bus, BusDevice, BusError, BusRange, DeviceError, IoAction, IoBus, StopRequest,
 };
+use crate::state::{StateError, StateReader, StateWriter};
 
 /// The port of `CONFIG_ADDRESS`; insert [`PciRoot::config_io_device`] here.
 pub const CONFIG_ADDRESS_PORT: u16 = 0xCF8;
@@ -563,6 +564,94 @@ impl PciRoot {
         Arc::new(Ecam {
             root: Arc::clone(self),
         })
+    }
+}
+
+/// The root complex's own registers, for snapshots (each function's
+/// configuration space is saved by the function itself).
+///
+/// Encoding (tag `PCIR`, version 1; see [`crate::state`]):
+/// `config_address` (u32, the latch at port `0xCF8`), `reset_control`
+/// (u8, port `0xCF9`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciRootState {
+    /// The `CONFIG_ADDRESS` latch (bits 1:0 clear).
+    pub config_address: u32,
+    /// The reset control register (bits 1-3 only).
+    pub reset_control: u8,
+}
+
+const ROOT_TAG: [u8; 4] = *b"PCIR";
+const ROOT_VERSION: u8 = 1;
+
+impl PciRootState {
+    /// Encodes the state.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(ROOT_TAG, ROOT_VERSION);
+        w.u32(self.config_address).u8(self.reset_control);
+        w.finish()
+    }
+
+    /// Decodes and checks a state.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("PCI root", bytes, ROOT_TAG, ROOT_VERSION)?;
+        let config_address = r.u32()?;
+        if config_address & 0x3 != 0 {
+            return Err(r.invalid(
+                "config_address",
+                format!("{config_address:#x} has bits 1:0 set"),
+            ));
+        }
+        let reset_control = r.u8()?;
+        if reset_control & !RESET_CONTROL_BITS != 0 {
+            return Err(r.invalid("reset_control", format!("{reset_control:#x}")));
+        }
+        r.finish()?;
+        Ok(Self {
+            config_address,
+            reset_control,
+        })
+    }
+}
+
+impl PciRoot {
+    /// The root complex's registers, for a snapshot.
+    pub fn save_state(&self) -> PciRootState {
+        PciRootState {
+            config_address: self.config_address.load(Ordering::SeqCst),
+            reset_control: self.reset_control.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Restores the registers from [`save_state`](Self::save_state) (a
+    /// state with bits the guest cannot set is refused), then maps every
+    /// function's BARs as its (already restored) configuration space
+    /// says: restore the functions first, then the root.
+    pub fn restore_state(&self, state: &PciRootState) -> Result<(), StateError> {
+        PciRootState::from_bytes(&state.to_bytes())?;
+        self.config_address
+            .store(state.config_address, Ordering::SeqCst);
+        self.reset_control
+            .store(state.reset_control, Ordering::SeqCst);
+        self.resync();
+        Ok(())
+    }
+
+    /// Brings the BAR mappings of every function in line with its
+    /// configuration space (after a function's state was restored behind
+    /// the root's back). Refused mappings are counted and logged as for a
+    /// guest write.
+    pub fn resync(&self) {
+        let Some(bus) = self.bus.upgrade() else {
+            return;
+        };
+        let mut state = self.state();
+        for (address, slot) in state.slots.iter_mut() {
+            for err in self.sync(&bus, *address, slot) {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                log::warn!("PCI: refused restored BAR mapping: {err}");
+            }
+        }
     }
 }
 

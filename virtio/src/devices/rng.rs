@@ -122,4 +122,9 @@ impl VirtioDevice for Rng {
             w.stop();
         }
     }
+
+    fn pause(&mut self) -> Option<Vec<Option<crate::queue::Queue>>> {
+        let worker = self.worker.take()?.stop_and_take::<RngWorker>()?;
+        Some(vec![Some(worker.queue.queue)])
+    }
 }

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use vm_memory::bitmap::{Bitmap, MS};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, MS};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, VolatileSlice, WriteVolatile,
 };
@@ -38,6 +38,83 @@ impl ChainToken {
     }
 }
 
+/// Descriptors a chain holds without a heap allocation; longer chains
+/// (large requests) spill to a `Vec`.
+const INLINE_DESCS: usize = 8;
+
+/// The descriptors of one chain in order: inline for the usual short chain
+/// (a block request is three descriptors), on the heap beyond
+/// [`INLINE_DESCS`], so that popping a chain allocates nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct DescList {
+    inline: [Descriptor; INLINE_DESCS],
+    len: usize,
+    heap: Vec<Descriptor>,
+    /// How many leading descriptors are device-readable.
+    readable: usize,
+}
+
+const EMPTY_DESC: Descriptor = Descriptor {
+    addr: GuestAddress(0),
+    len: 0,
+    writable: false,
+};
+
+impl DescList {
+    /// An empty list.
+    pub(crate) fn new() -> Self {
+        Self {
+            inline: [EMPTY_DESC; INLINE_DESCS],
+            len: 0,
+            heap: Vec::new(),
+            readable: 0,
+        }
+    }
+
+    /// Appends `d`.
+    pub(crate) fn push(&mut self, d: Descriptor) {
+        if self.len == self.readable && !d.writable {
+            self.readable += 1;
+        }
+        match self.inline.get_mut(self.len) {
+            Some(slot) if self.heap.is_empty() => *slot = d,
+            _ => {
+                if self.heap.is_empty() {
+                    self.heap.extend_from_slice(&self.inline);
+                }
+                self.heap.push(d);
+            }
+        }
+        self.len += 1;
+    }
+
+    /// Number of descriptors.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the list is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn as_slice(&self) -> &[Descriptor] {
+        if self.heap.is_empty() {
+            self.inline.get(..self.len).unwrap_or(&[])
+        } else {
+            &self.heap
+        }
+    }
+}
+
+impl PartialEq for DescList {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for DescList {}
+
 /// A descriptor chain popped from a queue.
 ///
 /// The ring layer has already checked its structure: no loops, every
@@ -50,14 +127,18 @@ impl ChainToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DescChain {
     pub(crate) token: ChainToken,
-    pub(crate) descs: Vec<Descriptor>,
+    pub(crate) descs: DescList,
 }
 
 impl DescChain {
     /// Creates a chain from its parts (for ring implementations outside
     /// this crate and for tests).
     pub fn new(token: ChainToken, descs: Vec<Descriptor>) -> Self {
-        Self { token, descs }
+        let mut list = DescList::new();
+        for d in descs {
+            list.push(d);
+        }
+        Self { token, descs: list }
     }
 
     /// The token to hand back to [`crate::queue::Queue::add_used`].
@@ -67,19 +148,21 @@ impl DescChain {
 
     /// All descriptors in chain order.
     pub fn descriptors(&self) -> &[Descriptor] {
-        &self.descs
+        self.descs.as_slice()
     }
 
     /// The device-readable descriptors (they come first).
     pub fn readable(&self) -> &[Descriptor] {
-        let n = self.descs.iter().take_while(|d| !d.writable).count();
-        &self.descs[..n]
+        let all = self.descs.as_slice();
+        all.get(..self.descs.readable).unwrap_or(all)
     }
 
-    /// The device-writable descriptors (they come last).
+    /// The device-writable descriptors (they come last; for a chain made
+    /// with [`DescChain::new`] that breaks the order, everything from the
+    /// first writable one on).
     pub fn writable(&self) -> &[Descriptor] {
-        let n = self.descs.iter().take_while(|d| !d.writable).count();
-        &self.descs[n..]
+        let all = self.descs.as_slice();
+        all.get(self.descs.readable..).unwrap_or(&[])
     }
 
     /// A reader over the readable part.
@@ -127,30 +210,74 @@ fn total_len(descs: &[Descriptor]) -> usize {
     usize::try_from(t).unwrap_or(usize::MAX)
 }
 
-/// The guest-memory slices holding the next `len` bytes of `descs` from
-/// `(index, offset)` (at most `MAX_IOVECS` of them, so possibly fewer
-/// bytes), for one vectored system call. Fails if there are none.
-fn gather<'a>(
-    mem: &'a GuestMemoryMmap,
-    descs: &[Descriptor],
-    (mut idx, mut offset): (usize, u32),
-    len: usize,
-) -> io::Result<Vec<VolatileSlice<'a, MS<'a, GuestMemoryMmap>>>> {
-    let mut spans = Vec::with_capacity(MAX_IOVECS);
-    let mut want = len;
-    while want > 0 && spans.len() < MAX_IOVECS {
-        let Some((addr, n)) = next_span(descs, &mut idx, &mut offset, want) else {
-            break;
-        };
-        spans.push(mem.get_slice(addr, n).map_err(mem_err)?);
-        // n ≤ the descriptor's remaining length, which fits in u32.
-        offset += n as u32;
-        want -= n;
+type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemoryMmap>>;
+
+/// The guest-memory slices of one vectored system call, on the stack (no
+/// heap allocation per request).
+struct Spans<'a> {
+    slices: [Option<GuestSlice<'a>>; MAX_IOVECS],
+    count: usize,
+}
+
+impl<'a> Spans<'a> {
+    /// The slices holding the next `len` bytes of `descs` from
+    /// `(index, offset)` (at most `MAX_IOVECS` of them, so possibly fewer
+    /// bytes). Fails if there are none.
+    fn gather(
+        mem: &'a GuestMemoryMmap,
+        descs: &[Descriptor],
+        (mut idx, mut offset): (usize, u32),
+        len: usize,
+    ) -> io::Result<Self> {
+        let mut slices: [Option<GuestSlice<'a>>; MAX_IOVECS] = std::array::from_fn(|_| None);
+        let mut count = 0;
+        let mut want = len;
+        while want > 0 {
+            let Some(slot) = slices.get_mut(count) else {
+                break;
+            };
+            let Some((addr, n)) = next_span(descs, &mut idx, &mut offset, want) else {
+                break;
+            };
+            *slot = Some(mem.get_slice(addr, n).map_err(mem_err)?);
+            count += 1;
+            // n ≤ the descriptor's remaining length, which fits in u32.
+            offset += n as u32;
+            want -= n;
+        }
+        if count == 0 {
+            return Err(short("descriptor chain too short"));
+        }
+        Ok(Self { slices, count })
     }
-    if spans.is_empty() {
-        return Err(short("descriptor chain too short"));
+
+    fn iter(&self) -> impl Iterator<Item = &GuestSlice<'a>> {
+        self.slices.iter().take(self.count).flatten()
     }
-    Ok(spans)
+
+    /// Calls `f` with one iovec per slice; each is valid for reads and
+    /// writes of its length until `f` returns (the guards keep the
+    /// pointers valid, vm-memory's contract, and `self` keeps the memory
+    /// borrowed).
+    fn with_iovecs<R>(&self, f: impl FnOnce(&[libc::iovec]) -> R) -> R {
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOVECS];
+        let guards: [Option<_>; MAX_IOVECS] = std::array::from_fn(|i| {
+            self.slices
+                .get(i)
+                .and_then(Option::as_ref)
+                .map(|s| (s.ptr_guard_mut(), s.len()))
+        });
+        for (v, g) in iov.iter_mut().zip(&guards) {
+            if let Some((guard, len)) = g {
+                v.iov_base = guard.as_ptr().cast();
+                v.iov_len = *len;
+            }
+        }
+        f(iov.get(..self.count).unwrap_or(&[]))
+    }
 }
 
 /// Position in a descriptor list: the next span of at most `max` bytes.
@@ -278,30 +405,24 @@ impl<'a> ChainReader<'a> {
     pub fn write_to_file_at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
         let mut done = 0usize;
         while done < len {
-            let spans = gather(
+            let spans = Spans::gather(
                 self.mem,
                 self.descs,
                 (self.idx, self.offset),
                 self.left.min(len - done),
             )?;
-            let guards: Vec<_> = spans.iter().map(|s| s.ptr_guard()).collect();
-            let iov: Vec<libc::iovec> = guards
-                .iter()
-                .zip(&spans)
-                .map(|(g, s)| libc::iovec {
-                    iov_base: g.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                })
-                .collect();
             let pos = i64::try_from(offset + done as u64)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: every iovec describes a range of guest memory that
-            // vm-memory handed out as a VolatileSlice of exactly that length,
-            // kept mapped by the `spans`/`guards` borrowed from `self.mem`
-            // until after the call; pwritev only reads those ranges. Guest
-            // memory is shared with the guest anyway, so no Rust reference
-            // to it is invalidated.
-            let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos) };
+            let fd = file.as_raw_fd();
+            let n = spans.with_iovecs(|iov| {
+                // SAFETY: every iovec describes a range of guest memory that
+                // vm-memory handed out as a VolatileSlice of exactly that
+                // length, kept mapped by `spans` (borrowed from `self.mem`)
+                // and its guards until after the call; pwritev only reads
+                // those ranges. Guest memory is shared with the guest anyway,
+                // so no Rust reference to it is invalidated.
+                unsafe { libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, pos) }
+            });
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -484,30 +605,25 @@ impl<'a> ChainWriter<'a> {
     pub fn read_from_file_at(&mut self, file: &File, offset: u64, len: usize) -> io::Result<()> {
         let mut done = 0usize;
         while done < len {
-            let spans = gather(
+            let spans = Spans::gather(
                 self.mem,
                 self.descs,
                 (self.idx, self.offset),
                 self.left.min(len - done),
             )?;
-            let guards: Vec<_> = spans.iter().map(|s| s.ptr_guard_mut()).collect();
-            let iov: Vec<libc::iovec> = guards
-                .iter()
-                .zip(&spans)
-                .map(|(g, s)| libc::iovec {
-                    iov_base: g.as_ptr().cast(),
-                    iov_len: s.len(),
-                })
-                .collect();
             let pos = i64::try_from(offset + done as u64)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: every iovec describes a writable range of guest memory
-            // that vm-memory handed out as a VolatileSlice of exactly that
-            // length, kept mapped by the `spans`/`guards` borrowed from
-            // `self.mem` until after the call; preadv writes only inside
-            // those ranges. No Rust reference points into guest memory, which
-            // the guest may change at any time anyway.
-            let n = unsafe { libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos) };
+            let fd = file.as_raw_fd();
+            let n = spans.with_iovecs(|iov| {
+                // SAFETY: every iovec describes a writable range of guest
+                // memory that vm-memory handed out as a VolatileSlice of
+                // exactly that length, kept mapped by `spans` (borrowed from
+                // `self.mem`) and its guards until after the call; preadv
+                // writes only inside those ranges. No Rust reference points
+                // into guest memory, which the guest may change at any time
+                // anyway.
+                unsafe { libc::preadv(fd, iov.as_ptr(), iov.len() as i32, pos) }
+            });
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -522,7 +638,7 @@ impl<'a> ChainWriter<'a> {
             // and advance over it.
             let n = n as usize;
             let mut k = n;
-            for s in &spans {
+            for s in spans.iter() {
                 if k == 0 {
                     break;
                 }
@@ -532,6 +648,28 @@ impl<'a> ChainWriter<'a> {
             }
             self.skip(n)?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies all of `src` (host memory seen as a volatile slice, e.g. a
+    /// file mapping) into the chain with plain memory copies, marking guest
+    /// memory dirty. Fails with `UnexpectedEof` when the chain is too short
+    /// (what fitted stays written).
+    pub fn write_volatile_slice<B: BitmapSlice>(
+        &mut self,
+        src: &VolatileSlice<'_, B>,
+    ) -> io::Result<()> {
+        let mut pos = 0;
+        while pos < src.len() {
+            let (addr, n) = self
+                .step(src.len() - pos)
+                .ok_or_else(|| short("descriptor chain too short"))?;
+            let dst = self.mem.get_slice(addr, n).map_err(mem_err)?;
+            let piece = src.subslice(pos, n).map_err(io::Error::other)?;
+            piece.copy_to_volatile_slice(dst);
+            self.consume(n);
+            pos += n;
         }
         Ok(())
     }
@@ -551,5 +689,41 @@ impl<'a> ChainWriter<'a> {
             left -= n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(i: u64, writable: bool) -> Descriptor {
+        Descriptor {
+            addr: GuestAddress(0x1000 * i),
+            len: i as u32 + 1,
+            writable,
+        }
+    }
+
+    #[test]
+    fn desc_list_keeps_order_and_split_inline_and_spilled() {
+        // Below, at and past the inline capacity.
+        for n in [1usize, 3, INLINE_DESCS, INLINE_DESCS + 1, 3 * INLINE_DESCS] {
+            for readable in [0, 1, n / 2, n] {
+                let all: Vec<Descriptor> = (0..n).map(|i| desc(i as u64, i >= readable)).collect();
+                let c = DescChain::new(ChainToken { id: 7, slots: 1 }, all.clone());
+                assert_eq!(c.descriptors(), &all[..], "n={n}");
+                assert_eq!(c.readable(), &all[..readable], "n={n} r={readable}");
+                assert_eq!(c.writable(), &all[readable..], "n={n} r={readable}");
+                assert_eq!(c.clone(), c);
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_order_chain_splits_at_the_first_writable() {
+        let all = vec![desc(1, false), desc(2, true), desc(3, false)];
+        let c = DescChain::new(ChainToken { id: 0, slots: 1 }, all.clone());
+        assert_eq!(c.readable(), &all[..1]);
+        assert_eq!(c.writable(), &all[1..]);
     }
 }

@@ -24,8 +24,10 @@ use std::sync::atomic::Ordering;
 use virtio_bindings::bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmkit_devices::state::{StateError, StateReader, StateWriter};
 use vmkit_memory::GuestMemoryMmap;
 
+use chain::DescList;
 pub use chain::{ChainReader, ChainToken, ChainWriter, DescChain, Descriptor};
 use packed::PackedRing;
 
@@ -419,13 +421,159 @@ impl Queue {
     }
 }
 
+/// Where a device is in a queue, for snapshots: what [`Queue::new`]
+/// cannot derive from the [`QueueConfig`] and guest memory.
+///
+/// Split rings use `next_avail` and `next_used` as free-running 16-bit
+/// indices (the wrap flags are `false` and `signalled_used` 0); packed
+/// rings use ring positions below the size with their wrap counters, and
+/// `signalled_used` (the used position the driver was last considered for
+/// an interrupt at, for event suppression).
+///
+/// Encoding (nested in a transport state; see `vmkit_devices::state`):
+/// `next_avail` (u16), `avail_wrap` (bool), `next_used` (u16), `used_wrap`
+/// (bool), `signalled_used` (u16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueState {
+    /// Next available-ring index (split) or ring position (packed).
+    pub next_avail: u16,
+    /// Packed: the driver wrap counter the device expects next.
+    pub avail_wrap: bool,
+    /// Next used-ring index (split) or ring position (packed).
+    pub next_used: u16,
+    /// Packed: the device's used wrap counter.
+    pub used_wrap: bool,
+    /// Packed: `next_used` when interrupts were last considered.
+    pub signalled_used: u16,
+}
+
+impl QueueState {
+    /// Writes the fields into a nested encoding.
+    pub fn write(&self, w: &mut StateWriter) {
+        w.u16(self.next_avail)
+            .bool(self.avail_wrap)
+            .u16(self.next_used)
+            .bool(self.used_wrap)
+            .u16(self.signalled_used);
+    }
+
+    /// Reads the fields of a nested encoding (checked against a ring in
+    /// [`Queue::restore`]).
+    pub fn read(r: &mut StateReader<'_>) -> Result<Self, StateError> {
+        Ok(Self {
+            next_avail: r.u16()?,
+            avail_wrap: r.bool("avail_wrap")?,
+            next_used: r.u16()?,
+            used_wrap: r.bool("used_wrap")?,
+            signalled_used: r.u16()?,
+        })
+    }
+
+    /// Checks the state against a ring of `size` entries in `format`.
+    pub fn check(&self, queue: u16, size: u16, format: RingFormat) -> Result<(), StateError> {
+        let bad = |reason: String| StateError::Invalid {
+            what: "virtio queue",
+            field: "progress",
+            reason: format!("queue {queue}: {reason}"),
+        };
+        match format {
+            RingFormat::Split => {
+                let in_flight = self.next_avail.wrapping_sub(self.next_used);
+                if in_flight > size {
+                    return Err(bad(format!(
+                        "{in_flight} chains in flight (next_avail {}, next_used {}) in a ring of {size}",
+                        self.next_avail, self.next_used
+                    )));
+                }
+                if self.avail_wrap || self.used_wrap || self.signalled_used != 0 {
+                    return Err(bad("packed-ring fields set on a split ring".into()));
+                }
+            }
+            RingFormat::Packed => {
+                for (name, v) in [
+                    ("next_avail", self.next_avail),
+                    ("next_used", self.next_used),
+                    ("signalled_used", self.signalled_used),
+                ] {
+                    if v >= size {
+                        return Err(bad(format!("{name} {v} outside a ring of {size}")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Queue {
+    /// The device's progress in the ring, for a snapshot. Take it while
+    /// no chain is popped but not yet used (devices hand back their queues
+    /// only between drains).
+    pub fn state(&self) -> QueueState {
+        match &self.ring {
+            Ring::Split { queue, .. } => QueueState {
+                next_avail: queue.next_avail(),
+                avail_wrap: false,
+                next_used: queue.next_used(),
+                used_wrap: false,
+                signalled_used: 0,
+            },
+            Ring::Packed(ring) => {
+                let (next_avail, avail_wrap, next_used, used_wrap, signalled_used) =
+                    ring.progress();
+                QueueState {
+                    next_avail,
+                    avail_wrap,
+                    next_used,
+                    used_wrap,
+                    signalled_used,
+                }
+            }
+        }
+    }
+
+    /// [`Queue::new`], then continues from `state` instead of the start of
+    /// the ring. Refuses a state that does not fit the ring (see
+    /// [`QueueState::check`]) or a configuration [`Queue::new`] refuses.
+    pub fn restore(
+        index: u16,
+        config: &QueueConfig,
+        format: RingFormat,
+        event_idx: bool,
+        mem: &GuestMemoryMmap,
+        state: &QueueState,
+    ) -> Result<Self, StateError> {
+        let mut q =
+            Self::new(index, config, format, event_idx, mem).map_err(|e| StateError::Invalid {
+                what: "virtio queue",
+                field: "config",
+                reason: e.to_string(),
+            })?;
+        state.check(index, q.size, format)?;
+        match &mut q.ring {
+            Ring::Split { queue, .. } => {
+                queue.set_next_avail(state.next_avail);
+                queue.set_next_used(state.next_used);
+            }
+            Ring::Packed(ring) => ring.set_progress((
+                state.next_avail,
+                state.avail_wrap,
+                state.next_used,
+                state.used_wrap,
+                state.signalled_used,
+            )),
+        }
+        Ok(q)
+    }
+}
+
 fn collect_split(
     queue: u16,
     size: u16,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<DescChain, QueueError> {
     let head = chain.head_index();
-    let mut descs = Vec::new();
+    let mut descs = DescList::new();
     let mut total: u32 = 0;
     let mut seen_write = false;
     let mut last_has_next = false;

@@ -18,7 +18,7 @@ use std::sync::atomic::{fence, Ordering};
 use vm_memory::{Bytes, GuestAddress};
 use vmkit_memory::GuestMemoryMmap;
 
-use super::{passes_event, ChainToken, DescChain, Descriptor, QueueError};
+use super::{passes_event, ChainToken, DescChain, DescList, Descriptor, QueueError};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -86,6 +86,30 @@ impl PackedRing {
         (self.next_avail, self.avail_wrap)
     }
 
+    /// Progress for a snapshot: next avail position and wrap counter, next
+    /// used position and wrap counter, and `signalled_used`.
+    pub(crate) fn progress(&self) -> (u16, bool, u16, bool, u16) {
+        (
+            self.next_avail,
+            self.avail_wrap,
+            self.next_used,
+            self.used_wrap,
+            self.signalled_used,
+        )
+    }
+
+    /// Restores [`progress`](Self::progress); the caller checked every
+    /// position is below the ring size.
+    pub(crate) fn set_progress(&mut self, p: (u16, bool, u16, bool, u16)) {
+        (
+            self.next_avail,
+            self.avail_wrap,
+            self.next_used,
+            self.used_wrap,
+            self.signalled_used,
+        ) = p;
+    }
+
     fn slot_addr(&self, idx: u16) -> GuestAddress {
         // idx < size ≤ 2^15, so this stays far from overflow; the ring's
         // range was checked against guest memory at activation.
@@ -140,10 +164,10 @@ impl PackedRing {
         let mut idx = head;
         let mut wrap = self.avail_wrap;
         let mut slots: u16 = 0;
-        let mut descs = Vec::new();
+        let mut descs = DescList::new();
         let mut total: u32 = 0;
         let mut seen_write = false;
-        let mut push = |d: &RawDesc, descs: &mut Vec<Descriptor>| -> Result<(), QueueError> {
+        let mut push = |d: &RawDesc, descs: &mut DescList| -> Result<(), QueueError> {
             total = total
                 .checked_add(d.len)
                 .ok_or(QueueError::ChainTooBig { queue, head })?;

@@ -12,9 +12,10 @@ use vmkit_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{Activation, ActiveQueue, Interrupt, VirtioDevice, TRANSPORT_FEATURES};
-use crate::queue::{Queue, QueueConfig, RingFormat};
+use crate::queue::{Queue, QueueConfig, QueueState, RingFormat};
 use crate::transport::TransportError;
 use crate::{features, status};
+use vmkit_devices::state::{StateError, StateReader, StateWriter};
 
 /// One of the three ring addresses of a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,9 @@ pub(crate) struct Core {
     pub queues: Vec<QueueConfig>,
     /// The device was activated and not reset since.
     pub active: bool,
+    /// The queues an active device handed back for a snapshot, until it
+    /// is resumed (see [`Core::pause`]).
+    pub paused: Option<Vec<Option<Queue>>>,
 }
 
 /// Checks a device's queue layout and creates one notification eventfd
@@ -96,6 +100,7 @@ impl Core {
             queue_sel: 0,
             queues,
             active: false,
+            paused: None,
         }
     }
 
@@ -174,6 +179,7 @@ impl Core {
     pub fn reset(&mut self, notify: &[Arc<EventFd>]) {
         self.device.reset();
         self.active = false;
+        self.paused = None;
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -281,5 +287,338 @@ impl Core {
                 interrupt.needs_reset();
             }
         }
+    }
+}
+
+/// One queue's registers and, for an active device, the device's progress
+/// in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedQueue {
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver enabled the queue.
+    pub ready: bool,
+    /// Descriptor area.
+    pub desc: u64,
+    /// Driver area.
+    pub driver: u64,
+    /// Device area.
+    pub device: u64,
+    /// The device's progress (present exactly when the device is active
+    /// and the queue ready).
+    pub progress: Option<QueueState>,
+}
+
+/// What both transports save: the device status, feature negotiation,
+/// queue registers and progress, and the device's own state.
+///
+/// Encoding (nested in a transport state): `status`,
+/// `device_features_sel`, `driver_features_sel` (u32 each),
+/// `driver_features` (u64), `queue_sel` (u32), `active` (bool), `queues`
+/// (count, then per queue `size` (u16), `ready` (bool), `desc`, `driver`,
+/// `device` (u64 each), `has_progress` (bool) and, if set, a queue
+/// progress as `QueueState` documents), `device_state` (byte string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreState {
+    /// The device status as the driver wrote it.
+    pub status: u32,
+    /// Device feature select.
+    pub device_features_sel: u32,
+    /// Driver feature select.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote (negotiated once FEATURES_OK is set).
+    pub driver_features: u64,
+    /// Queue select.
+    pub queue_sel: u32,
+    /// The device was activated (DRIVER_OK accepted, no reset since).
+    pub active: bool,
+    /// Every queue of the device, by index.
+    pub queues: Vec<SavedQueue>,
+    /// [`VirtioDevice::save_device_state`].
+    pub device_state: Vec<u8>,
+}
+
+/// Most queues a state may list (the transports allow up to 65535).
+const MAX_QUEUES: usize = u16::MAX as usize;
+/// Most device-specific state bytes.
+const MAX_DEVICE_STATE: usize = 1 << 20;
+
+impl CoreState {
+    /// Writes the fields into a nested encoding.
+    pub fn write(&self, w: &mut StateWriter) {
+        w.u32(self.status)
+            .u32(self.device_features_sel)
+            .u32(self.driver_features_sel)
+            .u64(self.driver_features)
+            .u32(self.queue_sel)
+            .bool(self.active)
+            .count(self.queues.len());
+        for q in &self.queues {
+            w.u16(q.size)
+                .bool(q.ready)
+                .u64(q.desc)
+                .u64(q.driver)
+                .u64(q.device)
+                .bool(q.progress.is_some());
+            if let Some(p) = &q.progress {
+                p.write(w);
+            }
+        }
+        w.bytes(&self.device_state);
+    }
+
+    /// Reads and checks the fields of a nested encoding: an active device
+    /// has FEATURES_OK and DRIVER_OK, and progress exactly for its ready
+    /// queues, checked against each queue's size and the negotiated ring
+    /// format.
+    pub fn read(r: &mut StateReader<'_>) -> Result<Self, StateError> {
+        let status = r.u32()?;
+        let device_features_sel = r.u32()?;
+        let driver_features_sel = r.u32()?;
+        let driver_features = r.u64()?;
+        let queue_sel = r.u32()?;
+        let active = r.bool("active")?;
+        let n = r.count("queues", 28, MAX_QUEUES)?;
+        if n == 0 {
+            return Err(r.invalid("queues", "no queues".into()));
+        }
+        let format = ring_format(driver_features);
+        let mut queues = Vec::with_capacity(n);
+        for i in 0..n {
+            let size = r.u16()?;
+            let ready = r.bool("ready")?;
+            let (desc, driver, device) = (r.u64()?, r.u64()?, r.u64()?);
+            let progress = if r.bool("has_progress")? {
+                let p = QueueState::read(r)?;
+                // i < MAX_QUEUES.
+                p.check(i as u16, size, format)?;
+                Some(p)
+            } else {
+                None
+            };
+            if progress.is_some() != (active && ready) {
+                return Err(r.invalid(
+                    "queues",
+                    format!("queue {i}: progress must be saved exactly for ready queues of an active device"),
+                ));
+            }
+            queues.push(SavedQueue {
+                size,
+                ready,
+                desc,
+                driver,
+                device,
+                progress,
+            });
+        }
+        let device_state = r.bytes("device_state", MAX_DEVICE_STATE)?;
+        let live = status::FEATURES_OK | status::DRIVER_OK;
+        if active && status & live != live {
+            return Err(r.invalid(
+                "status",
+                format!("{status:#x}: an active device has FEATURES_OK and DRIVER_OK"),
+            ));
+        }
+        Ok(Self {
+            status,
+            device_features_sel,
+            driver_features_sel,
+            driver_features,
+            queue_sel,
+            active,
+            queues,
+            device_state,
+        })
+    }
+}
+
+fn ring_format(driver_features: u64) -> RingFormat {
+    if driver_features & (1 << features::RING_PACKED) != 0 {
+        RingFormat::Packed
+    } else {
+        RingFormat::Split
+    }
+}
+
+impl Core {
+    /// Stops an active device's work and keeps its queues until
+    /// [`resume_paused`](Self::resume_paused); nothing to do for an
+    /// inactive or already paused device.
+    pub fn pause(&mut self) -> Result<(), StateError> {
+        if !self.active || self.paused.is_some() {
+            return Ok(());
+        }
+        let queues = self.device.pause().ok_or_else(|| StateError::Unsupported {
+            what: self.name,
+            reason: format!(
+                "device type {} cannot hand back its queues",
+                self.device.device_type()
+            ),
+        })?;
+        self.paused = Some(queues);
+        Ok(())
+    }
+
+    /// Activates a paused device again with the queues it handed back.
+    pub fn resume_paused(&mut self, notify: &[Arc<EventFd>], interrupt: Arc<dyn Interrupt>) {
+        if let Some(queues) = self.paused.take() {
+            self.active = false;
+            self.resume(queues, notify, interrupt);
+        }
+    }
+
+    /// Saves the core state. An active device is paused first (see
+    /// [`pause`](Self::pause)) and stays paused.
+    pub fn save(&mut self) -> Result<CoreState, StateError> {
+        let mut progress: Vec<Option<QueueState>> = vec![None; self.queues.len()];
+        self.pause()?;
+        if let Some(queues) = &self.paused {
+            for (slot, q) in progress.iter_mut().zip(queues) {
+                *slot = q.as_ref().map(Queue::state);
+            }
+        }
+        let queues = self
+            .queues
+            .iter()
+            .zip(progress)
+            .map(|(q, p)| SavedQueue {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+                progress: p.filter(|_| q.ready),
+            })
+            .collect();
+        Ok(CoreState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            active: self.active,
+            queues,
+            device_state: self.device.save_device_state(),
+        })
+    }
+
+    /// Activates the device with queues it handed back (or that were
+    /// restored), and signals each queue's eventfd once so that chains the
+    /// driver made available while the device was stopped are seen.
+    fn resume(
+        &mut self,
+        queues: Vec<Option<Queue>>,
+        notify: &[Arc<EventFd>],
+        interrupt: Arc<dyn Interrupt>,
+    ) {
+        let mut active = Vec::with_capacity(queues.len());
+        for (i, q) in queues.into_iter().enumerate() {
+            match (q, notify.get(i)) {
+                (Some(queue), Some(fd)) => {
+                    if let Err(e) = fd.write(1) {
+                        log::warn!("{}: cannot re-notify queue {i}: {e}", self.name);
+                    }
+                    active.push(Some(ActiveQueue {
+                        queue,
+                        notify: fd.clone(),
+                    }));
+                }
+                _ => active.push(None),
+            }
+        }
+        let activation = Activation {
+            mem: self.mem.clone(),
+            features: self.driver_features,
+            queues: active,
+            interrupt: interrupt.clone(),
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::error!("{}: device re-activation failed: {e}", self.name);
+                interrupt.needs_reset();
+            }
+        }
+    }
+
+    /// Restores a state from [`save`](Self::save) into a freshly created
+    /// (or reset) transport: checks it against the device (queue count,
+    /// sizes, offered features, ring configuration), restores the device's
+    /// own state and the registers. Nothing changes when a check fails.
+    ///
+    /// For an active device it returns the queues at their saved
+    /// progress; the transport restores its interrupt state and then
+    /// passes them to [`start`](Self::start), which activates the device
+    /// without renegotiation.
+    pub fn restore(&mut self, state: &CoreState) -> Result<Option<Vec<Option<Queue>>>, StateError> {
+        let mismatch = |reason: String| StateError::Mismatch {
+            what: self.name,
+            reason,
+        };
+        if self.active || self.status != 0 {
+            return Err(mismatch(
+                "restore needs a freshly created or reset transport".into(),
+            ));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(mismatch(format!(
+                "{} queues saved, the device has {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if state.status & status::FEATURES_OK != 0 && state.driver_features & !self.offered != 0 {
+            return Err(mismatch(format!(
+                "negotiated features {:#x} include bits this device does not offer ({:#x})",
+                state.driver_features, self.offered
+            )));
+        }
+        let format = ring_format(state.driver_features);
+        let event_idx = state.driver_features & (1 << features::RING_EVENT_IDX) != 0;
+        let mut configs = Vec::with_capacity(self.queues.len());
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, (saved, current)) in state.queues.iter().zip(&self.queues).enumerate() {
+            let config = QueueConfig {
+                max_size: current.max_size,
+                size: saved.size,
+                ready: saved.ready,
+                desc: saved.desc,
+                driver: saved.driver,
+                device: saved.device,
+            };
+            let queue = match (&saved.progress, state.active && saved.ready) {
+                // i < number of queues ≤ u16::MAX.
+                (Some(p), true) => Some(Queue::restore(
+                    i as u16, &config, format, event_idx, &self.mem, p,
+                )?),
+                (None, false) => None,
+                _ => {
+                    return Err(mismatch(format!(
+                        "queue {i}: progress does not match readiness"
+                    )))
+                }
+            };
+            configs.push(config);
+            queues.push(queue);
+        }
+        self.device.restore_device_state(&state.device_state)?;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.queues = configs;
+        Ok(state.active.then_some(queues))
+    }
+
+    /// Activates the device with the queues [`restore`](Self::restore)
+    /// returned.
+    pub fn start(
+        &mut self,
+        queues: Vec<Option<Queue>>,
+        notify: &[Arc<EventFd>],
+        interrupt: Arc<dyn Interrupt>,
+    ) {
+        self.resume(queues, notify, interrupt);
     }
 }

@@ -27,9 +27,10 @@ use vmkit_devices::{BusDevice, DeviceError, InterruptLine, IoAction};
 use vmkit_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::common::{queue_eventfds, Core, RingAddress};
+use super::common::{queue_eventfds, Core, CoreState, RingAddress};
 use crate::device::{Interrupt, VirtioDevice};
 use crate::status;
+use vmkit_devices::state::{StateError, StateReader, StateWriter};
 
 /// Size of the register window.
 pub const MMIO_SIZE: u64 = 0x1000;
@@ -265,6 +266,123 @@ impl MmioTransport {
         } else {
             st.write_status(v, &self.notify, self.shared.clone());
         }
+    }
+}
+
+/// The state of a [`MmioTransport`] and its device, for snapshots.
+///
+/// Encoding (tag `VMMI`, version 1; see `vmkit_devices::state`): `core`
+/// (as [`CoreState`] documents), `interrupt_status` (u32, bits 0-1),
+/// `needs_reset` (bool), `config_generation` (u32).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MmioState {
+    /// Status, features, queues and the device's own state.
+    pub core: CoreState,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// DEVICE_NEEDS_RESET is raised.
+    pub needs_reset: bool,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+}
+
+const MMIO_TAG: [u8; 4] = *b"VMMI";
+const MMIO_VERSION: u8 = 1;
+
+impl MmioState {
+    /// Encodes the state.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(MMIO_TAG, MMIO_VERSION);
+        self.core.write(&mut w);
+        w.u32(self.interrupt_status)
+            .bool(self.needs_reset)
+            .u32(self.config_generation);
+        w.finish()
+    }
+
+    /// Decodes and checks a state.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("virtio-mmio", bytes, MMIO_TAG, MMIO_VERSION)?;
+        let core = CoreState::read(&mut r)?;
+        let interrupt_status = r.u32()?;
+        let known = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        if interrupt_status & !known != 0 {
+            return Err(r.invalid(
+                "interrupt_status",
+                format!("{interrupt_status:#x} has bits outside {known:#x}"),
+            ));
+        }
+        let needs_reset = r.bool("needs_reset")?;
+        let config_generation = r.u32()?;
+        r.finish()?;
+        Ok(Self {
+            core,
+            interrupt_status,
+            needs_reset,
+            config_generation,
+        })
+    }
+}
+
+impl MmioTransport {
+    /// Saves the transport and device state. An active device is paused
+    /// (its worker stopped, its queues held by the transport) and stays
+    /// paused, so that guest memory can be copied consistently with the
+    /// state: call it with the vCPUs paused, copy memory, then
+    /// [`resume`](Self::resume). Fails with [`StateError::Unsupported`] for an active
+    /// device that cannot hand back its queues.
+    pub fn save_state(&self) -> Result<MmioState, StateError> {
+        let mut st = self.lock();
+        let core = st.save()?;
+        Ok(MmioState {
+            core,
+            interrupt_status: *self.shared.lock_isr(),
+            needs_reset: self.shared.needs_reset.load(Ordering::Acquire),
+            config_generation: self.shared.generation.load(Ordering::Acquire),
+        })
+    }
+
+    /// Stops an active device's work (as [`save_state`](Self::save_state)
+    /// does) without saving anything. Fails with
+    /// [`StateError::Unsupported`] for a device that cannot hand back its
+    /// queues.
+    pub fn pause(&self) -> Result<(), StateError> {
+        self.lock().pause()
+    }
+
+    /// Lets a device paused by [`pause`](Self::pause) or
+    /// [`save_state`](Self::save_state) run again, with the queues where
+    /// it left them; each queue is notified once so that chains made
+    /// available meanwhile are processed. Nothing to do if not paused.
+    pub fn resume(&self) {
+        self.lock().resume_paused(&self.notify, self.shared.clone());
+    }
+
+    /// Restores a state from [`save_state`](Self::save_state) into a newly
+    /// created transport over the same kind of device (and guest memory
+    /// holding the rings): registers, interrupt status (the line is
+    /// raised if any bit is set) and, for an active device, activation
+    /// with the negotiated features and the queues at their saved
+    /// progress. Refused, with the transport unchanged, when the state
+    /// does not fit the device.
+    pub fn restore_state(&self, state: &MmioState) -> Result<(), StateError> {
+        let bytes = state.to_bytes();
+        MmioState::from_bytes(&bytes)?;
+        let mut st = self.lock();
+        let queues = st.restore(&state.core)?;
+        self.shared
+            .generation
+            .store(state.config_generation, Ordering::Release);
+        self.shared
+            .needs_reset
+            .store(state.needs_reset, Ordering::Release);
+        if state.interrupt_status != 0 {
+            self.shared.raise(state.interrupt_status);
+        }
+        if let Some(queues) = queues {
+            st.start(queues, &self.notify, self.shared.clone());
+        }
+        Ok(())
     }
 }
 

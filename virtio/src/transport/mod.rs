@@ -12,8 +12,9 @@ mod common;
 pub mod mmio;
 pub mod pci;
 
-pub use mmio::{MmioOptions, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
-pub use pci::{NotifyRegistrar, PciOptions, PciTransport};
+pub use common::{CoreState, SavedQueue};
+pub use mmio::{MmioOptions, MmioState, MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+pub use pci::{NotifyRegistrar, PciOptions, PciState, PciTransport};
 
 /// Errors creating a transport.
 #[derive(Debug, thiserror::Error)]

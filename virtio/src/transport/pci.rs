@@ -80,10 +80,12 @@ use vmkit_devices::{DeviceError, InterruptLine, IoAction, MsiVectors};
 use vmkit_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::common::{queue_eventfds, Core, RingAddress};
+use super::common::{queue_eventfds, Core, CoreState, RingAddress};
 use super::TransportError;
 use crate::device::{Interrupt, VirtioDevice};
 use crate::{device_type, status};
+use vmkit_devices::pci::{ConfigSpaceState, MsixState};
+use vmkit_devices::state::{StateError, StateReader, StateWriter};
 
 /// PCI vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1AF4;
@@ -933,6 +935,220 @@ impl PciTransport {
         let start = usize::from(self.caps.pci_cfg + cap::PCI_CFG_DATA);
         let offset = usize::from(offset);
         offset < start + 4 && offset.saturating_add(len) > start
+    }
+}
+
+/// The state of a [`PciTransport`] and its device, for snapshots.
+///
+/// Encoding (tag `VPCI`, version 1; see `vmkit_devices::state`): `core`
+/// (as [`CoreState`] documents), `isr` (u8, bits 0-1), `needs_reset`
+/// (bool), `config_generation` (u32), `config_vector` (u16), `queue_vectors`
+/// (count, then u16 each), `config` (the 4096-byte configuration space as
+/// a byte string), `msix` (as [`MsixState`] documents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciState {
+    /// Status, features, queues and the device's own state.
+    pub core: CoreState,
+    /// The ISR status byte.
+    pub isr: u8,
+    /// DEVICE_NEEDS_RESET is raised.
+    pub needs_reset: bool,
+    /// The configuration generation.
+    pub config_generation: u32,
+    /// `config_msix_vector`.
+    pub config_vector: u16,
+    /// `queue_msix_vector` of each queue.
+    pub queue_vectors: Vec<u16>,
+    /// The PCI configuration space (command register, BAR address,
+    /// capability registers).
+    pub config: ConfigSpaceState,
+    /// The MSI-X table, pending bits, enable and function mask.
+    pub msix: MsixState,
+}
+
+const PCI_TAG: [u8; 4] = *b"VPCI";
+const PCI_VERSION: u8 = 1;
+
+impl PciState {
+    /// Encodes the state.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(PCI_TAG, PCI_VERSION);
+        self.core.write(&mut w);
+        w.u8(self.isr)
+            .bool(self.needs_reset)
+            .u32(self.config_generation)
+            .u16(self.config_vector)
+            .count(self.queue_vectors.len());
+        for v in &self.queue_vectors {
+            w.u16(*v);
+        }
+        self.config.write(&mut w);
+        self.msix.write(&mut w);
+        w.finish()
+    }
+
+    /// Decodes and checks a state: one vector per queue, and every vector
+    /// either [`MSI_NO_VECTOR`] or inside the MSI-X table.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("virtio-pci", bytes, PCI_TAG, PCI_VERSION)?;
+        let core = CoreState::read(&mut r)?;
+        let isr = r.u8()?;
+        if isr & !(ISR_QUEUE | ISR_CONFIG) != 0 {
+            return Err(r.invalid("isr", format!("{isr:#x}")));
+        }
+        let needs_reset = r.bool("needs_reset")?;
+        let config_generation = r.u32()?;
+        let config_vector = r.u16()?;
+        let n = r.count("queue_vectors", 2, usize::from(u16::MAX))?;
+        if n != core.queues.len() {
+            return Err(r.invalid(
+                "queue_vectors",
+                format!("{n} vectors for {} queues", core.queues.len()),
+            ));
+        }
+        let mut queue_vectors = Vec::with_capacity(n);
+        for _ in 0..n {
+            queue_vectors.push(r.u16()?);
+        }
+        let config = ConfigSpaceState::read(&mut r)?;
+        let msix = MsixState::read(&mut r)?;
+        let table = msix.entries.len();
+        for v in std::iter::once(&config_vector).chain(&queue_vectors) {
+            if *v != MSI_NO_VECTOR && usize::from(*v) >= table {
+                return Err(r.invalid(
+                    "vectors",
+                    format!("vector {v} beyond the {table}-entry MSI-X table"),
+                ));
+            }
+        }
+        r.finish()?;
+        Ok(Self {
+            core,
+            isr,
+            needs_reset,
+            config_generation,
+            config_vector,
+            queue_vectors,
+            config,
+            msix,
+        })
+    }
+}
+
+impl PciTransport {
+    /// Saves the transport, PCI function and device state. An active
+    /// device is paused (its worker stopped, its queues held by the
+    /// transport) and stays paused, so that guest memory can be copied
+    /// consistently with the state: call it with the vCPUs paused, copy
+    /// memory, then [`resume`](Self::resume). Fails
+    /// with [`StateError::Unsupported`] for an active device that cannot
+    /// hand back its queues.
+    pub fn save_state(&self) -> Result<PciState, StateError> {
+        let mut st = self.lock();
+        let core = st.save()?;
+        drop(st);
+        Ok(PciState {
+            core,
+            isr: self.shared.lock_irq().isr,
+            needs_reset: self.shared.needs_reset.load(Ordering::Acquire),
+            config_generation: self.shared.generation.load(Ordering::Acquire),
+            config_vector: self.shared.config_vector.load(Ordering::Acquire),
+            queue_vectors: self
+                .shared
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::Acquire))
+                .collect(),
+            config: self.lock_config().save_state(),
+            msix: self.shared.msix.save_state(),
+        })
+    }
+
+    /// Stops an active device's work (as [`save_state`](Self::save_state)
+    /// does) without saving anything. Fails with
+    /// [`StateError::Unsupported`] for a device that cannot hand back its
+    /// queues.
+    pub fn pause(&self) -> Result<(), StateError> {
+        self.lock().pause()
+    }
+
+    /// Lets a device paused by [`pause`](Self::pause) or
+    /// [`save_state`](Self::save_state) run again, with the queues where
+    /// it left them; each queue is notified once so that chains made
+    /// available meanwhile are processed. Nothing to do if not paused.
+    pub fn resume(&self) {
+        self.lock().resume_paused(&self.notify, self.shared.clone());
+    }
+
+    /// Restores a state from [`save_state`](Self::save_state) into a newly
+    /// created transport over the same kind of device: the configuration
+    /// space (then the notify ioeventfds follow the restored BAR), MSI-X,
+    /// vectors, ISR (the INTx line follows) and, for an active device,
+    /// activation with the negotiated features and the queues at their
+    /// saved progress. Refused, with the transport unchanged, when the
+    /// state does not fit. Call [`PciRoot::resync`] (or
+    /// [`PciRoot::restore_state`]) afterwards so that the root maps the
+    /// restored BAR.
+    ///
+    /// [`PciRoot::resync`]: vmkit_devices::PciRoot::resync
+    /// [`PciRoot::restore_state`]: vmkit_devices::PciRoot::restore_state
+    pub fn restore_state(&self, state: &PciState) -> Result<(), StateError> {
+        let mismatch = |reason: String| StateError::Mismatch {
+            what: "virtio-pci",
+            reason,
+        };
+        let checked = PciState::from_bytes(&state.to_bytes())?;
+        if checked.queue_vectors.len() != self.shared.queue_vectors.len() {
+            return Err(mismatch(format!(
+                "{} queue vectors, the device has {} queues",
+                checked.queue_vectors.len(),
+                self.shared.queue_vectors.len()
+            )));
+        }
+        if checked.msix.entries.len() != usize::from(self.shared.msix.vectors()) {
+            return Err(mismatch(format!(
+                "{} MSI-X vectors, this function has {}",
+                checked.msix.entries.len(),
+                self.shared.msix.vectors()
+            )));
+        }
+        {
+            // Check the config space fits before anything changes.
+            let mut probe = self.lock_config().clone();
+            probe.restore_state(&state.config)?;
+        }
+        let mut st = self.lock();
+        let queues = st.restore(&state.core)?;
+        {
+            let mut config = self.lock_config();
+            config.restore_state(&state.config)?;
+            let disabled = config.command() & COMMAND_INTX_DISABLE != 0;
+            self.shared.intx_disabled.store(disabled, Ordering::Release);
+        }
+        self.shared.msix.restore_state(&state.msix)?;
+        self.shared
+            .config_vector
+            .store(state.config_vector, Ordering::Release);
+        for (slot, v) in self.shared.queue_vectors.iter().zip(&state.queue_vectors) {
+            slot.store(*v, Ordering::Release);
+        }
+        self.shared
+            .generation
+            .store(state.config_generation, Ordering::Release);
+        self.shared
+            .needs_reset
+            .store(state.needs_reset, Ordering::Release);
+        {
+            let mut irq = self.shared.lock_irq();
+            irq.isr |= state.isr;
+            self.shared.sync_line(&mut irq);
+        }
+        if let Some(queues) = queues {
+            st.start(queues, &self.notify, self.shared.clone());
+        }
+        drop(st);
+        self.sync_notify();
+        Ok(())
     }
 }
 

@@ -18,10 +18,12 @@ type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemoryMmap>>;
 // a heap allocation per frame, which is what it avoids.
 #[allow(clippy::large_enum_variant)]
 enum Inner<'a> {
-    /// Pieces of guest memory, in order.
+    /// Pieces of guest memory, in order, then optionally a host buffer
+    /// that takes what does not fit them.
     Guest {
         slices: [Option<GuestSlice<'a>>; MAX_IOVECS],
         count: usize,
+        tail: &'a mut [u8],
     },
     /// One host buffer.
     Host(&'a mut [u8]),
@@ -41,7 +43,7 @@ pub struct FrameBufs<'a> {
 impl std::fmt::Debug for FrameBufs<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pieces = match &self.inner {
-            Inner::Guest { count, .. } => *count,
+            Inner::Guest { count, tail, .. } => *count + usize::from(!tail.is_empty()),
             Inner::Host(_) => 1,
         };
         f.debug_struct("FrameBufs")
@@ -94,9 +96,31 @@ impl<'a> FrameBufs<'a> {
             }
         }
         Ok(Self {
-            inner: Inner::Guest { slices, count },
+            inner: Inner::Guest {
+                slices,
+                count,
+                tail: &mut [],
+            },
             len,
         })
+    }
+
+    /// The guest buffers `descs` (as [`FrameBufs::from_guest`], at most
+    /// `limit` bytes), followed by the host buffer `tail` for the bytes of
+    /// a frame that do not fit them: one system call fills the guest
+    /// buffers directly and the overflow lands in `tail`.
+    pub(crate) fn from_guest_with_tail(
+        mem: &'a GuestMemoryMmap,
+        descs: &[Descriptor],
+        limit: usize,
+        tail: &'a mut [u8],
+    ) -> Result<Self, BufsError> {
+        let mut bufs = Self::from_guest(mem, descs, limit)?;
+        if let Inner::Guest { tail: t, .. } = &mut bufs.inner {
+            bufs.len += tail.len();
+            *t = tail;
+        }
+        Ok(bufs)
     }
 
     /// Total bytes the buffers hold.
@@ -120,9 +144,13 @@ impl<'a> FrameBufs<'a> {
         let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
-        }; MAX_IOVECS];
+        }; MAX_IOVECS + 1];
         match &mut self.inner {
-            Inner::Guest { slices, count } => {
+            Inner::Guest {
+                slices,
+                count,
+                tail,
+            } => {
                 // The guards keep each pointer valid (vm-memory's contract)
                 // until they drop after `f`.
                 let guards: [Option<_>; MAX_IOVECS] = std::array::from_fn(|i| {
@@ -134,7 +162,14 @@ impl<'a> FrameBufs<'a> {
                         v.iov_len = *len;
                     }
                 }
-                let n = (*count).min(MAX_IOVECS);
+                let mut n = (*count).min(MAX_IOVECS);
+                if !tail.is_empty() {
+                    iov[n] = libc::iovec {
+                        iov_base: tail.as_mut_ptr().cast(),
+                        iov_len: tail.len(),
+                    };
+                    n += 1;
+                }
                 f(&iov[..n])
             }
             Inner::Host(buf) => {
@@ -148,7 +183,8 @@ impl<'a> FrameBufs<'a> {
     }
 
     /// Records that a backend wrote the first `n` bytes through the iovecs
-    /// (for dirty-page tracking of guest memory).
+    /// (for dirty-page tracking of guest memory; bytes past the guest
+    /// buffers went to the host tail).
     pub fn mark_written(&self, n: usize) {
         if let Inner::Guest { slices, .. } = &self.inner {
             let mut left = n;
@@ -167,7 +203,7 @@ impl<'a> FrameBufs<'a> {
     /// copied.
     pub fn copy_from(&mut self, src: &[u8]) -> usize {
         match &mut self.inner {
-            Inner::Guest { slices, .. } => {
+            Inner::Guest { slices, tail, .. } => {
                 let mut done = 0;
                 for s in slices.iter().flatten() {
                     let Some(rest) = src.get(done..) else { break };
@@ -178,7 +214,10 @@ impl<'a> FrameBufs<'a> {
                     s.copy_from(&rest[..m]);
                     done += m;
                 }
-                done
+                let rest = src.get(done..).unwrap_or(&[]);
+                let m = rest.len().min(tail.len());
+                tail[..m].copy_from_slice(&rest[..m]);
+                done + m
             }
             Inner::Host(buf) => {
                 let m = src.len().min(buf.len());
@@ -192,7 +231,7 @@ impl<'a> FrameBufs<'a> {
     /// copied.
     pub fn copy_to(&self, dst: &mut [u8]) -> usize {
         match &self.inner {
-            Inner::Guest { slices, .. } => {
+            Inner::Guest { slices, tail, .. } => {
                 let mut done = 0;
                 for s in slices.iter().flatten() {
                     let Some(rest) = dst.get_mut(done..) else {
@@ -203,7 +242,10 @@ impl<'a> FrameBufs<'a> {
                     }
                     done += s.copy_to(rest);
                 }
-                done
+                let rest = dst.get_mut(done..).unwrap_or(&mut []);
+                let m = rest.len().min(tail.len());
+                rest[..m].copy_from_slice(&tail[..m]);
+                done + m
             }
             Inner::Host(buf) => {
                 let m = dst.len().min(buf.len());

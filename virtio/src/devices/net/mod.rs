@@ -12,9 +12,11 @@
 //! chain; a frame larger than the chain is dropped and counted (the chain
 //! stays available for the next frame). With it, a frame spans as many
 //! chains as it needs and `num_buffers` in the first header says how many.
-//! A chain of at least [`MAX_FRAME_LEN`] bytes is filled straight from the
-//! backend; smaller ones go through a bounce buffer so that a frame is
-//! never truncated. When the guest has no receive buffers the device stops
+//! A frame is received straight into the first chain; when the chain is
+//! smaller than [`MAX_FRAME_LEN`] the device's bounce buffer follows it in
+//! the same system call and catches the rest of a frame that does not fit
+//! (copied on into further chains, or dropped without mergeable buffers),
+//! so a frame is never truncated and one that fits is never copied. When the guest has no receive buffers the device stops
 //! reading the backend (frames wait in the backend's queue) until the
 //! driver adds buffers and notifies.
 //!
@@ -836,6 +838,45 @@ impl RxEngine {
                     return Ok(Frame::Dropped);
                 }
                 return Ok(Frame::Direct(n));
+            }
+        }
+        // A smaller chain: receive straight into it, with the bounce
+        // buffer past `capacity` catching the rest of a larger frame, so
+        // that a frame that fits costs no copy and one that does not is
+        // still whole.
+        if let Some(tail) = self.bounce.get_mut(capacity..) {
+            if let Ok(mut bufs) =
+                FrameBufs::from_guest_with_tail(mem, chain.writable(), capacity, tail)
+            {
+                let n = backend.recv(&mut bufs)?;
+                bufs.mark_written(n.min(capacity));
+                if !(HDR_LEN..=MAX_FRAME_LEN).contains(&n) {
+                    return Ok(Frame::Dropped);
+                }
+                // pop_usable guarantees capacity ≥ HDR_LEN: the header is
+                // in the chain.
+                let mut hdr = [0u8; HDR_LEN];
+                let mut r = ChainReader::new(mem, chain.writable());
+                if r.read_exact(&mut hdr).is_err() || !offloads_allowed(&hdr, self.features, true) {
+                    return Ok(Frame::Dropped);
+                }
+                if n <= capacity {
+                    return Ok(Frame::Direct(n));
+                }
+                if !self.mergeable() {
+                    // Too large for the chain; the caller drops it.
+                    return Ok(Frame::Bounced(n));
+                }
+                // Gather the whole frame in the bounce buffer for the
+                // mergeable path: its head is in the chain.
+                let Some(head) = self.bounce.get_mut(..capacity) else {
+                    return Ok(Frame::Dropped);
+                };
+                let mut r = ChainReader::new(mem, chain.writable());
+                if r.read_exact(head).is_err() {
+                    return Ok(Frame::Dropped);
+                }
+                return Ok(Frame::Bounced(n));
             }
         }
         let mut bufs = FrameBufs::from_slice(&mut self.bounce);
