@@ -16,7 +16,9 @@
 //! | 0x8000_001E | EAX | extended APIC ID = the vCPU id (AMD) |
 //!
 //! Everything else, the KVM paravirtual leaves (0x4000_0000..) included,
-//! passes through unchanged. Topology is flat: every vCPU is one core of one
+//! passes through unchanged. (The VM's supported list already carries the
+//! TSC-deadline bit when its in-kernel LAPIC has the mode: see
+//! `Vm::supported_cpuid`.) Topology is flat: every vCPU is one core of one
 //! package.
 
 use kvm_bindings::CpuId;

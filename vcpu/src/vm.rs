@@ -159,12 +159,15 @@ impl Vm {
             ));
         }
         check_capabilities(&config, |cap| kvm.check_extension(cap))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmError::Ioctl {
-                op: "KVM_GET_SUPPORTED_CPUID",
-                source,
-            })?;
+        let mut supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|source| VmError::Ioctl {
+                    op: "KVM_GET_SUPPORTED_CPUID",
+                    source,
+                })?;
+        if config.irqchip && kvm.check_extension(Cap::TscDeadlineTimer) {
+            add_tsc_deadline(&mut supported_cpuid);
+        }
         let msr_index_list: Arc<[u32]> = kvm
             .get_msr_index_list()
             .map_err(|source| VmError::Ioctl {
@@ -333,7 +336,10 @@ impl Vm {
         &self.host_state.msr_index_list
     }
 
-    /// The CPUID entries KVM supports on this host, before any filtering.
+    /// The CPUID entries KVM supports on this host, before any per-vCPU
+    /// filtering: `KVM_GET_SUPPORTED_CPUID`, plus the TSC-deadline timer
+    /// (leaf 1 ECX\[24\]) when the in-kernel LAPIC has one, which KVM
+    /// reports only through `KVM_CAP_TSC_DEADLINE_TIMER`.
     pub fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
     }
@@ -359,6 +365,21 @@ impl Vm {
         let mut pages = Vec::new();
         pages_from_bitmap(s.guest_phys_addr, &bitmap, &mut pages);
         Ok(pages)
+    }
+}
+
+/// CPUID.1:ECX bit of the TSC-deadline timer mode of the local APIC.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Sets the TSC-deadline bit in leaf 1. KVM leaves it out of
+/// `KVM_GET_SUPPORTED_CPUID` because only an in-kernel LAPIC implements
+/// the mode (KVM API, KVM_GET_SUPPORTED_CPUID); without it a Linux guest
+/// programs its timer through the slower one-shot TMICT path.
+fn add_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+        }
     }
 }
 
@@ -388,5 +409,19 @@ mod tests {
             err,
             VmError::MissingCapability("KVM_CAP_IMMEDIATE_EXIT")
         ));
+    }
+
+    #[test]
+    fn tsc_deadline_goes_into_leaf_1_only() {
+        let entry = |function, ecx| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            ecx,
+            ..Default::default()
+        };
+        let mut cpuid = CpuId::from_entries(&[entry(0, 0), entry(1, 0x8000_0001), entry(7, 0)])
+            .expect("three entries fit");
+        add_tsc_deadline(&mut cpuid);
+        let ecx: Vec<u32> = cpuid.as_slice().iter().map(|e| e.ecx).collect();
+        assert_eq!(ecx, [0, 0x8100_0001, 0]);
     }
 }

@@ -267,8 +267,7 @@ fn console_client(path: &Path) -> Result<Worker, LabError> {
 }
 
 /// The VMM command line for one run.
-fn vmm_command(entry: &PlanEntry, disk: &Path, socket: &Path) -> Command {
-    let l2_cmdline = protocol::L2_CMDLINE;
+fn vmm_command(entry: &PlanEntry, l2_cmdline: &str, disk: &Path, socket: &Path) -> Command {
     match entry.vmm {
         Vmm::Minivmm => {
             let mut c = Command::new(MINIVMM);
@@ -389,6 +388,97 @@ fn verify_disk(path: &Path) -> CheckStatus {
     }
 }
 
+/// Prints the CPU time of each of the VMM's threads (profiling runs): in
+/// L1's single CPU, whatever the VMM's own threads use is taken from L2.
+fn print_thread_times(pid: libc::pid_t) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // comm is in parentheses and may hold spaces; fields follow ")".
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat.get(open + 1..close).unwrap_or("?");
+        let fields: Vec<&str> = stat.get(close + 2..).unwrap_or("").split(' ').collect();
+        // After ")": state is field 3, utime 14, stime 15, guest_time 43.
+        let get = |n: usize| fields.get(n - 3).copied().unwrap_or("?");
+        println!(
+            "lab-agent: thread {} ({comm}): utime {} stime {} guest {} (ticks)",
+            task.file_name().to_string_lossy(),
+            get(14),
+            get(15),
+            get(43)
+        );
+    }
+}
+
+/// Prints the kernel log L2 left on its disk (profiling runs).
+fn print_dmesg(disk: &Path) {
+    let mut buf = vec![0u8; patterns::DMESG_MAX as usize];
+    let read = File::open(disk)
+        .and_then(|mut f| f.seek(SeekFrom::Start(patterns::DMESG_OFFSET)).map(|_| f))
+        .and_then(|mut f| f.read_exact(&mut buf));
+    if let Err(e) = read {
+        println!("lab-agent: no L2 kernel log on the disk: {e}");
+        return;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    for line in String::from_utf8_lossy(&buf[..end]).lines() {
+        println!("L2-dmesg | {line}");
+    }
+}
+
+/// MiB/s from a `blk-dd ok ms=<ms> mib=<MiB>` check line.
+fn dd_throughput(line: &str) -> Option<f64> {
+    let field = |key: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    let (ms, mib) = (field("ms=")?, field("mib=")?);
+    (ms > 0.0).then(|| mib * 1000.0 / ms)
+}
+
+/// L2's RAM in bytes ([`protocol::L2_MEMORY`], e.g. `256M`).
+fn l2_memory_bytes() -> u64 {
+    let m = protocol::L2_MEMORY;
+    m.strip_suffix('M')
+        .and_then(|n| n.parse::<u64>().ok())
+        .map_or(0, |n| n << 20)
+}
+
+/// KiB resident in a process's mappings other than guest RAM, from its
+/// `/proc/PID/smaps`. Guest RAM is every mapping at least `guest_bytes`
+/// long: both minivmm and QEMU map a small guest's RAM in one piece, and
+/// nothing else of theirs that large is resident. `None` when no such
+/// mapping exists (the split would be meaningless).
+fn rss_beyond_guest_kib(smaps: &str, guest_bytes: u64) -> Option<u64> {
+    let mut total = 0u64;
+    let mut in_guest = false;
+    let mut found_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                in_guest = guest_bytes > 0 && hi.saturating_sub(lo) >= guest_bytes;
+                found_guest |= in_guest;
+                continue;
+            }
+        }
+        if let Some(rest) = line.strip_prefix("Rss:") {
+            let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            if !in_guest {
+                total += kib;
+            }
+        }
+    }
+    found_guest.then_some(total)
+}
+
 /// What the VMM's output threads and its waiter report.
 #[derive(Debug)]
 enum Event {
@@ -429,13 +519,21 @@ fn record(checks: &mut BTreeMap<String, CheckStatus>, name: &str, status: CheckS
 }
 
 /// One L2 run.
-fn run_once(entry: &PlanEntry, run: u32, timeout: Duration, payloads: &Worker) -> RunResult {
+fn run_once(
+    entry: &PlanEntry,
+    l2_cmdline: &str,
+    run: u32,
+    timeout: Duration,
+    payloads: &Worker,
+) -> RunResult {
     let mut checks = BTreeMap::new();
     let mut result = RunResult {
         entry: *entry,
         run,
         boot_to_init_ms: None,
         full_cycle_ms: None,
+        blk_dd_mib_s: None,
+        rss_extra_kib: None,
         checks: BTreeMap::new(),
     };
     let dir = Path::new(WORK_DIR);
@@ -459,7 +557,7 @@ fn run_once(entry: &PlanEntry, run: u32, timeout: Duration, payloads: &Worker) -
     };
     let served_before = payloads.count();
 
-    let mut cmd = vmm_command(entry, &disk, &socket);
+    let mut cmd = vmm_command(entry, l2_cmdline, &disk, &socket);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -498,6 +596,24 @@ fn run_once(entry: &PlanEntry, run: u32, timeout: Duration, payloads: &Worker) -
                             if let Some((name, status)) = protocol::parse_check(&text) {
                                 if name == "init-reached" {
                                     result.boot_to_init_ms.get_or_insert(ms);
+                                    if l2_cmdline.split_whitespace().any(|w| w == "vmkit.dmesg") {
+                                        print_thread_times(pid);
+                                    }
+                                }
+                                if name == "blk-dd" && status == CheckStatus::Ok {
+                                    result.blk_dd_mib_s = dd_throughput(&text);
+                                }
+                                // Sampled at every check, after the I/O each
+                                // one caused: the peak over the run.
+                                if let Some(kib) =
+                                    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+                                        .ok()
+                                        .and_then(|s| rss_beyond_guest_kib(&s, l2_memory_bytes()))
+                                {
+                                    let kib = kib as f64;
+                                    if result.rss_extra_kib.is_none_or(|m| kib > m) {
+                                        result.rss_extra_kib = Some(kib);
+                                    }
                                 }
                                 record(&mut checks, &name, status);
                             }
@@ -562,6 +678,9 @@ fn run_once(entry: &PlanEntry, run: u32, timeout: Duration, payloads: &Worker) -
         },
     );
     record(&mut checks, "host-blk-write", verify_disk(&disk));
+    if l2_cmdline.split_whitespace().any(|w| w == "vmkit.dmesg") {
+        print_dmesg(&disk);
+    }
     result.checks = checks;
     for failure in result.failures() {
         println!("lab-agent: {entry} run {run}: FAIL {failure}");
@@ -577,6 +696,7 @@ fn agent() -> Result<(), LabError> {
     println!("lab-agent: tap {} up; plan {plan:?}", protocol::TAP_NAME);
     let payloads = payload_server()?;
     let timeout = Duration::from_secs(u64::from(plan.timeout_secs));
+    let l2_cmdline = plan.l2_cmdline();
     // Run-major order: the configurations take turns, so a change in the
     // host's load (L1 is emulated, the host is shared) hits them alike.
     let mut broken = vec![false; plan.entries.len()];
@@ -585,7 +705,7 @@ fn agent() -> Result<(), LabError> {
             if *broken {
                 continue;
             }
-            let result = run_once(entry, run, timeout, &payloads);
+            let result = run_once(entry, &l2_cmdline, run, timeout, &payloads);
             println!("{}", result.to_line());
             if !result.failures().is_empty() && run < plan.runs {
                 // Keep CI bounded: a broken configuration would likely time
@@ -634,7 +754,7 @@ mod tests {
             transport: Transport::Pci,
             cpus: 2,
         };
-        let a = args(&vmm_command(&pci, disk, sock)).join(" ");
+        let a = args(&vmm_command(&pci, protocol::L2_CMDLINE, disk, sock)).join(" ");
         assert!(a.contains("microvm,rtc=on,acpi=on,pcie=on"), "{a}");
         assert!(
             a.contains("virtio-blk-pci,drive=disk0") && !a.contains("-device virtio-blk-device"),
@@ -648,7 +768,7 @@ mod tests {
             transport: Transport::Mmio,
             ..pci
         };
-        let a = args(&vmm_command(&mmio, disk, sock)).join(" ");
+        let a = args(&vmm_command(&mmio, protocol::L2_CMDLINE, disk, sock)).join(" ");
         assert!(
             a.contains("virtio-net-device,netdev=net0") && !a.contains("pcie=on"),
             "{a}"
@@ -657,7 +777,7 @@ mod tests {
             vmm: Vmm::Minivmm,
             ..mmio
         };
-        let c = vmm_command(&mini, disk, sock);
+        let c = vmm_command(&mini, protocol::L2_CMDLINE, disk, sock);
         assert_eq!(c.get_program(), MINIVMM);
         let a = args(&c);
         let expect = [
@@ -720,6 +840,33 @@ mod tests {
         assert_eq!(reply, "VMKIT-PONG abc123\n");
         assert_eq!(client.stop(), 1);
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn smaps_split_leaves_out_guest_ram() {
+        let smaps = "\
+55d0a000-55d0c000 r-xp 00000000 00:15 12   /lab/minivmm
+Size:                  8 kB
+Rss:                   8 kB
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:              150000 kB
+7ffd0000-7ffd2000 rw-p 00000000 00:00 0   [stack]
+Size:                  8 kB
+Rss:                   4 kB
+";
+        assert_eq!(rss_beyond_guest_kib(smaps, 256 << 20), Some(12));
+        // No mapping as large as guest RAM: no answer rather than a wrong one.
+        assert_eq!(rss_beyond_guest_kib(smaps, 512 << 20), None);
+        assert_eq!(l2_memory_bytes(), 256 << 20);
+    }
+
+    #[test]
+    fn dd_lines_give_throughput() {
+        let line = "VMKIT-CHECK blk-dd ok ms=2000 mib=256";
+        assert_eq!(dd_throughput(line), Some(128.0));
+        assert_eq!(dd_throughput("VMKIT-CHECK blk-dd ok ms=0 mib=256"), None);
+        assert_eq!(dd_throughput("VMKIT-CHECK blk-dd ok"), None);
     }
 
     #[test]

@@ -25,7 +25,8 @@ usage: cargo xtask lab <subcommand>
 environment: VMKIT_LAB_CACHE (cache dir, default <workspace>/target/lab-cache),
              VMKIT_LAB_RUNS (runs per configuration for check, default 5),
              VMKIT_LAB_VMMS (VMMs for check, default minivmm,qemu),
-             VMKIT_LAB_MINIVMM (a prebuilt static minivmm to use)
+             VMKIT_LAB_MINIVMM (a prebuilt static minivmm to use),
+             VMKIT_LAB_L2_APPEND (extra words for L2's kernel command line)
 internal:    xtask lab-agent   (runs inside L1)";
 
 fn main() -> ExitCode {

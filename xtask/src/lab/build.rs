@@ -80,6 +80,9 @@ fn render(template: &str, modules: &[Module]) -> String {
             &(patterns::BLK_WRITE_OFFSET / 4096).to_string(),
         )
         .replace("@RNG_BYTES@", "65536")
+        .replace("@DD_MIB@", &patterns::DD_MIB.to_string())
+        .replace("@DMESG_SEEK@", &(patterns::DMESG_OFFSET / 4096).to_string())
+        .replace("@DMESG_MAX@", &(patterns::DMESG_MAX - 1).to_string())
 }
 
 /// Adds busybox and a symlink for each of its applets.

@@ -4,8 +4,17 @@
 
 use sha2::{Digest, Sha256};
 
-/// Size of the disk image the agent gives L2.
-pub const DISK_SIZE: u64 = 4 << 20;
+/// Size of the disk image the agent gives L2 (sparse beyond the patterns:
+/// room for the sequential-read benchmark).
+pub const DISK_SIZE: u64 = (DD_MIB + 4) << 20;
+/// MiB L2 reads sequentially from the disk for the throughput benchmark.
+pub const DD_MIB: u64 = 256;
+/// Where L2 leaves its kernel log when profiling (`vmkit.dmesg`), after
+/// the benchmark's range; at most [`DMESG_MAX`] bytes, NUL-terminated by
+/// the zeros after it.
+pub const DMESG_OFFSET: u64 = DD_MIB << 20;
+/// The most kernel log L2 leaves on the disk.
+pub const DMESG_MAX: u64 = 4 << 20;
 /// The pattern L2 reads sits at the start of the disk.
 pub const BLK_READ_LEN: usize = 64 << 10;
 /// Where L2 writes its pattern (L2's `dd ... seek=256` with 4 KiB blocks).

@@ -22,6 +22,7 @@ pub const GUEST_CHECKS: &[&str] = &[
     "serial",
     "blk-read",
     "blk-write",
+    "blk-dd",
     "net",
     "rng",
     "console",
@@ -159,18 +160,36 @@ pub struct Plan {
     pub runs: u32,
     /// Seconds before an L2 run is declared hung and its VMM killed.
     pub timeout_secs: u32,
+    /// Extra words for L2's kernel command line (profiling, e.g.
+    /// `loglevel=8 initcall_debug`), appended after [`L2_CMDLINE`].
+    pub l2_append: Vec<String>,
 }
 
 impl Plan {
     /// The kernel command-line words carrying this plan.
     pub fn to_cmdline(&self) -> String {
         let entries: Vec<String> = self.entries.iter().map(ToString::to_string).collect();
-        format!(
+        let mut words = format!(
             "vmkit.plan={} vmkit.runs={} vmkit.timeout={}",
             entries.join(","),
             self.runs,
             self.timeout_secs
-        )
+        );
+        if !self.l2_append.is_empty() {
+            words.push_str(" vmkit.l2append=");
+            words.push_str(&self.l2_append.join(","));
+        }
+        words
+    }
+
+    /// L2's kernel command line: [`L2_CMDLINE`] plus [`Plan::l2_append`].
+    pub fn l2_cmdline(&self) -> String {
+        let mut line = L2_CMDLINE.to_string();
+        for word in &self.l2_append {
+            line.push(' ');
+            line.push_str(word);
+        }
+        line
     }
 
     /// Reads a plan back from a kernel command line (`/proc/cmdline`).
@@ -178,6 +197,7 @@ impl Plan {
         let mut entries = None;
         let mut runs = 1;
         let mut timeout_secs = 60;
+        let mut l2_append = Vec::new();
         for word in cmdline.split_whitespace() {
             if let Some(v) = word.strip_prefix("vmkit.plan=") {
                 let parsed: Result<Vec<PlanEntry>, String> = v.split(',').map(str::parse).collect();
@@ -194,6 +214,12 @@ impl Plan {
                     .ok()
                     .filter(|n| (5..=600).contains(n))
                     .ok_or_else(|| format!("vmkit.timeout={v}: want 5..=600"))?;
+            } else if let Some(v) = word.strip_prefix("vmkit.l2append=") {
+                l2_append = v
+                    .split(',')
+                    .filter(|w| !w.is_empty())
+                    .map(String::from)
+                    .collect();
             }
         }
         let entries = entries.ok_or("no vmkit.plan= on the kernel command line")?;
@@ -207,6 +233,7 @@ impl Plan {
             entries,
             runs,
             timeout_secs,
+            l2_append,
         })
     }
 }
@@ -246,6 +273,10 @@ pub struct RunResult {
     pub boot_to_init_ms: Option<f64>,
     /// Milliseconds from VMM start to VMM exit after L2 rebooted.
     pub full_cycle_ms: Option<f64>,
+    /// L2's sequential read throughput from its virtio-blk disk, MiB/s.
+    pub blk_dd_mib_s: Option<f64>,
+    /// The VMM's peak resident memory beyond guest RAM, KiB.
+    pub rss_extra_kib: Option<f64>,
     /// Every check, guest and host, with its status.
     pub checks: BTreeMap<String, CheckStatus>,
 }
@@ -277,12 +308,14 @@ impl RunResult {
             .collect();
         let failures = self.failures();
         format!(
-            "{RESULT_PREFIX}entry={} run={} status={} boot_to_init_ms={} full_cycle_ms={} checks={} failures={}",
+            "{RESULT_PREFIX}entry={} run={} status={} boot_to_init_ms={} full_cycle_ms={} blk_dd_mib_s={} rss_extra_kib={} checks={} failures={}",
             self.entry,
             self.run,
             if failures.is_empty() { "pass" } else { "fail" },
             ms(self.boot_to_init_ms),
             ms(self.full_cycle_ms),
+            ms(self.blk_dd_mib_s),
+            ms(self.rss_extra_kib),
             checks.join(","),
             sanitize(&failures.join("; ")),
         )
@@ -297,6 +330,8 @@ impl RunResult {
         let mut run = None;
         let mut boot = None;
         let mut cycle = None;
+        let mut dd = None;
+        let mut rss = None;
         let mut checks = BTreeMap::new();
         for word in rest.split(' ') {
             let Some((key, value)) = word.split_once('=') else {
@@ -307,6 +342,8 @@ impl RunResult {
                 "run" => run = value.parse().ok(),
                 "boot_to_init_ms" => boot = value.parse().ok(),
                 "full_cycle_ms" => cycle = value.parse().ok(),
+                "blk_dd_mib_s" => dd = value.parse().ok(),
+                "rss_extra_kib" => rss = value.parse().ok(),
                 "checks" => {
                     for item in value.split(',').filter(|s| !s.is_empty()) {
                         let (name, status) = item.split_once(':')?;
@@ -326,6 +363,8 @@ impl RunResult {
             run: run?,
             boot_to_init_ms: boot,
             full_cycle_ms: cycle,
+            blk_dd_mib_s: dd,
+            rss_extra_kib: rss,
             checks,
         })
     }
@@ -354,7 +393,8 @@ mod tests {
 
     #[test]
     fn plan_round_trips_through_cmdline() {
-        let plan = Plan {
+        let mut plan = Plan {
+            l2_append: Vec::new(),
             entries: vec![
                 PlanEntry {
                     vmm: Vmm::Qemu,
@@ -372,6 +412,15 @@ mod tests {
         };
         let cmdline = format!("console=ttyS0 quiet {} rdinit=/init", plan.to_cmdline());
         assert_eq!(Plan::from_cmdline(&cmdline).unwrap(), plan);
+        assert_eq!(plan.l2_cmdline(), L2_CMDLINE);
+        plan.l2_append = vec!["loglevel=8".into(), "initcall_debug".into()];
+        let cmdline = format!("console=ttyS0 {}", plan.to_cmdline());
+        let back = Plan::from_cmdline(&cmdline).unwrap();
+        assert_eq!(back, plan);
+        assert_eq!(
+            back.l2_cmdline(),
+            format!("{L2_CMDLINE} loglevel=8 initcall_debug")
+        );
         assert!(Plan::from_cmdline("console=ttyS0").is_err());
         assert!(Plan::from_cmdline("vmkit.plan=qemu:mmio:9").is_err());
         assert!(Plan::from_cmdline("vmkit.plan=qemu:isa:1").is_err());
@@ -416,6 +465,8 @@ mod tests {
             run: 2,
             boot_to_init_ms: Some(1234.5),
             full_cycle_ms: Some(4321.0),
+            blk_dd_mib_s: Some(87.5),
+            rss_extra_kib: None,
             checks,
         };
         assert!(result.failures().is_empty());

@@ -234,6 +234,14 @@ fn fmt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".into(), |v| format!("{v:.1}"))
 }
 
+/// Extra words for L2's command line from `VMKIT_LAB_L2_APPEND`
+/// (space-separated; for profiling a boot, e.g. `loglevel=8 initcall_debug`).
+fn l2_append_from_env() -> Vec<String> {
+    std::env::var("VMKIT_LAB_L2_APPEND")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// `lab run`: one configuration, `runs` times.
 pub fn run(
     artifacts: &Artifacts,
@@ -245,16 +253,19 @@ pub fn run(
         entries: entries.to_vec(),
         runs,
         timeout_secs: L2_TIMEOUT_SECS,
+        l2_append: l2_append_from_env(),
     };
     let report = boot_l1(artifacts, &plan, keep)?;
     print_l1(&report);
     for r in &report.results {
         println!(
-            "lab: {} run {}: boot_to_init {} ms, full cycle {} ms, {}",
+            "lab: {} run {}: boot_to_init {} ms, full cycle {} ms, blk dd {} MiB/s, RSS beyond guest RAM {} KiB, {}",
             r.entry,
             r.run,
             fmt_ms(r.boot_to_init_ms),
             fmt_ms(r.full_cycle_ms),
+            fmt_ms(r.blk_dd_mib_s),
+            fmt_ms(r.rss_extra_kib),
             if r.failures().is_empty() {
                 "all checks passed".to_string()
             } else {
@@ -284,9 +295,11 @@ fn compare_lines(results: &[RunResult], transport: Option<Transport>) -> Vec<Str
                 .collect(),
         )
     };
-    let metrics: [(&str, Metric); 2] = [
+    let metrics: [(&str, Metric); 4] = [
         ("l2_boot_to_init_ms", |r| r.boot_to_init_ms),
         ("l2_full_cycle_ms", |r| r.full_cycle_ms),
+        ("l2_blk_dd_mib_per_s", |r| r.blk_dd_mib_s),
+        ("vmm_rss_beyond_guest_kib", |r| r.rss_extra_kib),
     ];
     metrics
         .iter()
@@ -343,6 +356,7 @@ pub fn check(artifacts: &Artifacts, runs: u32, vmms: &[Vmm]) -> Result<(), LabEr
         entries,
         runs,
         timeout_secs: L2_TIMEOUT_SECS,
+        l2_append: l2_append_from_env(),
     };
     let report = boot_l1(artifacts, &plan, false)?;
     print_l1(&report);
@@ -394,6 +408,8 @@ mod tests {
             run,
             boot_to_init_ms: Some(boot),
             full_cycle_ms: Some(boot * 2.0),
+            blk_dd_mib_s: Some(100_000.0 / boot),
+            rss_extra_kib: Some(boot),
             checks,
         }
     }
@@ -427,6 +443,7 @@ mod tests {
             entries: vec![q],
             runs: 3,
             timeout_secs: 60,
+            l2_append: Vec::new(),
         };
         let results = vec![
             result(Vmm::Qemu, Transport::Mmio, 1, 100.0, true),
@@ -457,6 +474,11 @@ mod tests {
         );
         assert!(lines[1]
             .starts_with("compare: l2_full_cycle_ms vmkit=2000.0 baseline(qemu microvm)=5000.0"));
+        assert_eq!(
+            lines[2],
+            "compare: l2_blk_dd_mib_per_s vmkit=100.0 baseline(qemu microvm)=40.0 ratio=2.50"
+        );
+        assert!(lines[3].starts_with("compare: vmm_rss_beyond_guest_kib vmkit=1000.0"));
         let pci = compare_lines(&results, Some(Transport::Pci));
         assert_eq!(pci[0], "detail: l2_boot_to_init_ms transport=pci vmkit=n/a baseline(qemu microvm)=3000.0 ratio=n/a");
     }
