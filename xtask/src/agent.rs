@@ -557,6 +557,9 @@ fn run_once(
     };
     let served_before = payloads.count();
 
+    // L2's init checks that it sees this many processors.
+    let l2_cmdline = format!("{l2_cmdline} vmkit.cpus={}", entry.cpus);
+    let l2_cmdline = l2_cmdline.as_str();
     let mut cmd = vmm_command(entry, l2_cmdline, &disk, &socket);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

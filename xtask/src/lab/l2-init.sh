@@ -8,6 +8,15 @@ mount -t proc proc /proc
 read -r up0 _ </proc/uptime
 check() { echo "VMKIT-CHECK $*"; }
 check serial ok
+
+# vCPUs: as many processors online as the VMM was given (vmkit.cpus=N,
+# added by the agent).
+want=1
+for w in $(cat /proc/cmdline); do
+    case "$w" in vmkit.cpus=*) want=${w#vmkit.cpus=} ;; esac
+done
+got=$(grep -c '^processor' /proc/cpuinfo)
+if [ "$got" = "$want" ]; then check cpus ok "n=$got"; else check cpus fail "want $want, /proc/cpuinfo lists $got"; fi
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 case " $(cat /proc/cmdline) " in

@@ -20,6 +20,7 @@ pub const L1_PREFIX: &str = "VMKIT-LAB-L1 ";
 pub const GUEST_CHECKS: &[&str] = &[
     "init-reached",
     "serial",
+    "cpus",
     "blk-read",
     "blk-write",
     "blk-dd",
