@@ -560,6 +560,7 @@ impl EptContext {
         self.translate_in(&mut EntryReader::new(memory), gpa, access, gla, mode)
     }
 
+    #[inline]
     fn translate_in<T: TableMemory<Error = WalkError>>(
         &self,
         tables: &mut T,
@@ -577,6 +578,7 @@ impl EptContext {
     }
 
     /// One walk; `None` when an accessed/dirty update lost a race.
+    #[inline]
     fn walk_once<T: TableMemory<Error = WalkError>>(
         &self,
         tables: &mut T,
@@ -585,6 +587,75 @@ impl EptContext {
         gla: Option<u64>,
         mode: WalkMode,
     ) -> Result<Option<Stage2Translation>, Stage2Error> {
+        let mut entries = WalkEntries::default();
+        let end = self.walk_core(tables, gpa, access, gla, &mut entries, None)?;
+        let write = end.need == EPT_W;
+        if mode == WalkMode::Update
+            && self.ad
+            && !update_ad(tables, &mut entries, EPT_A, EPT_D, write)?
+        {
+            return Ok(None);
+        }
+        let (page_size, hpa) = self.output(end, gpa);
+        let leaf = end.leaf;
+        let rights = end.rights;
+        Ok(Some(Stage2Translation {
+            hpa,
+            page_size,
+            readable: rights & EPT_R != 0,
+            writable: rights & EPT_W != 0,
+            executable: rights & EPT_X != 0,
+            memory_type: EptMemoryType::from_bits(((leaf >> 3) & 7) as u8),
+            ignore_pat: leaf & EPT_IPAT != 0,
+            entries,
+        }))
+    }
+
+    /// The host address of `gpa` for an access that sets no accessed/dirty
+    /// flag (a [`WalkMode::Probe`] walk, or EPTP bit 6 clear), without
+    /// recording entries; `memo` lets it start below upper levels read
+    /// earlier in the same 2-D walk (see [`Stage2Memo`]).
+    #[inline]
+    fn lean_hpa<T: TableMemory<Error = WalkError>>(
+        &self,
+        tables: &mut T,
+        gpa: u64,
+        access: Stage2Access,
+        gla: Option<u64>,
+        memo: &mut Stage2Memo,
+    ) -> Result<u64, Stage2Error> {
+        let end = self.walk_core(tables, gpa, access, gla, &mut NoEntries, Some(memo))?;
+        Ok(self.output(end, gpa).1)
+    }
+
+    /// Page size and host address of a walk that ended at `end`.
+    #[inline]
+    fn output(&self, end: EptEnd, gpa: u64) -> (PageSize, u64) {
+        let page_size = match end.level {
+            1 => PageSize::Size4K,
+            2 => PageSize::Size2M,
+            _ => PageSize::Size1G,
+        };
+        let base = end.leaf & self.addr_mask & !(page_size.bytes() - 1);
+        (page_size, base | (gpa & (page_size.bytes() - 1)))
+    }
+
+    /// The walk itself: reads the entries (into `sink`), checks them and
+    /// the rights, and sets no flag. With a `memo` whose tag matches `gpa`
+    /// the walk starts below the upper levels it remembers (counting them
+    /// in [`Stage2Memo::skipped`], and leaving them out of `sink`, so only
+    /// callers that do not look at the entries pass one); a successful walk
+    /// leaves its own upper levels in it.
+    #[inline]
+    fn walk_core<T: TableMemory<Error = WalkError>, S: EntrySink>(
+        &self,
+        tables: &mut T,
+        gpa: u64,
+        access: Stage2Access,
+        gla: Option<u64>,
+        sink: &mut S,
+        memo: Option<&mut Stage2Memo>,
+    ) -> Result<EptEnd, Stage2Error> {
         // What the access needs and how a violation describes it.
         let table_write = self.ad && access.phase() == Stage2Phase::GuestTable;
         let (need, mut qual) = match access {
@@ -595,7 +666,6 @@ impl EptContext {
             Stage2Access::TableRead => (EPT_R, EptQualification::READ),
             Stage2Access::TableUpdate => (EPT_W, EptQualification::WRITE),
         };
-        let write = need == EPT_W;
         if gla.is_some() {
             qual = qual | EptQualification::GLA_VALID;
             if access.phase() == Stage2Phase::Final {
@@ -620,10 +690,21 @@ impl EptContext {
             return Err(violation(0));
         }
 
-        let mut entries = WalkEntries::default();
         let mut level = self.levels;
         let mut table = self.root;
         let mut rights = EPT_R | EPT_W | EPT_X;
+        if let Some(m) = memo.as_deref() {
+            if m.level != 0 && m.level < level && gpa >> (12 + 9 * u32::from(m.level)) == m.tag {
+                // The upper entries of this address are the ones the memo
+                // holds: same entry addresses (same index bits), values
+                // read in this 2-D walk with no write since.
+                table = m.table;
+                rights = m.rights;
+                level = m.level;
+            }
+        }
+        let start = level;
+        let mut above;
         let mut leaf;
         let mut large;
         loop {
@@ -632,11 +713,12 @@ impl EptContext {
             leaf = tables
                 .read(true, level, at)
                 .map_err(|e| stage2_memory(e, level, at))?;
-            entries.push(WalkEntry {
+            sink.push(WalkEntry {
                 level,
                 gpa: at,
                 value: leaf,
             });
+            above = rights;
             rights &= leaf;
             if leaf & 7 == 0 {
                 return Err(violation(rights));
@@ -688,29 +770,54 @@ impl EptContext {
             return Err(violation(rights));
         }
 
-        if mode == WalkMode::Update
-            && self.ad
-            && !update_ad(tables, &mut entries, EPT_A, EPT_D, write)?
-        {
-            return Ok(None);
+        if let Some(m) = memo {
+            m.skipped = m.skipped.saturating_add(u32::from(self.levels - start));
+            // `level` < `self.levels`: EPT leaves sit at levels 1 to 3.
+            m.level = level;
+            m.tag = gpa >> (12 + 9 * u32::from(level));
+            m.table = table;
+            m.rights = above;
         }
-        let page_size = match level {
-            1 => PageSize::Size4K,
-            2 => PageSize::Size2M,
-            _ => PageSize::Size1G,
-        };
-        let base = leaf & self.addr_mask & !(page_size.bytes() - 1);
-        Ok(Some(Stage2Translation {
-            hpa: base | (gpa & (page_size.bytes() - 1)),
-            page_size,
-            readable: rights & EPT_R != 0,
-            writable: rights & EPT_W != 0,
-            executable: rights & EPT_X != 0,
-            memory_type: EptMemoryType::from_bits(((leaf >> 3) & 7) as u8),
-            ignore_pat: leaf & EPT_IPAT != 0,
-            entries,
-        }))
+        Ok(EptEnd {
+            level,
+            leaf,
+            rights,
+            need,
+        })
     }
+}
+
+/// Where an EPT walk records the entries it reads.
+trait EntrySink {
+    fn push(&mut self, entry: WalkEntry);
+}
+
+impl EntrySink for WalkEntries {
+    #[inline]
+    fn push(&mut self, entry: WalkEntry) {
+        WalkEntries::push(self, entry);
+    }
+}
+
+/// Records nothing: for walks whose entries nobody looks at.
+struct NoEntries;
+
+impl EntrySink for NoEntries {
+    #[inline]
+    fn push(&mut self, _: WalkEntry) {}
+}
+
+/// Where an EPT walk ended, without its entries.
+#[derive(Clone, Copy)]
+struct EptEnd {
+    /// Level of the leaf.
+    level: u8,
+    /// The leaf entry.
+    leaf: u64,
+    /// R/W/X ANDed over the entries.
+    rights: u64,
+    /// The right the access needed.
+    need: u64,
 }
 
 /// Sets the accessed flag `a` in every entry and the dirty flag `d` in the
@@ -950,6 +1057,7 @@ impl Stage2Context {
         self.translate_in(&mut EntryReader::new(memory), gpa, access, gla, mode)
     }
 
+    #[inline]
     fn translate_in<T: TableMemory<Error = WalkError>>(
         &self,
         tables: &mut T,
@@ -1178,6 +1286,42 @@ impl<T: TableMemory> TableMemory for Counting<'_, T> {
     }
 }
 
+/// The upper levels of the last successful EPT walk of one 2-D walk.
+///
+/// A 2-D walk makes up to six stage-2 walks (one per guest entry and one
+/// for the final address), and guest tables usually sit close together, so
+/// consecutive stage-2 walks share their upper entries (EPT PML4E, PDPTE,
+/// often PDE). The memo keeps the entries above the last leaf, and a walk
+/// whose address has the same index bits for those levels starts below
+/// them. Like a processor's paging-structure caches it holds values read
+/// earlier in the same 2-D walk; unlike them it is dropped whenever the
+/// walk writes anything (an accessed/dirty update of either stage, or a
+/// lost race), so it never answers differently from reading the entries
+/// again, except for concurrent writers racing the walk (which the walk
+/// cannot tell from a write that came a moment later). Statistics count
+/// the remembered levels as read ([`Stage2Memo::skipped`]): they report the
+/// architectural references, 24 for 4-level over 4-level.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stage2Memo {
+    /// Level of the next entry to read; 0 when empty.
+    level: u8,
+    /// `gpa >> (12 + 9 * level)` of the walk remembered.
+    tag: u64,
+    /// The table of `level`.
+    table: u64,
+    /// R/W/X ANDed over the remembered entries.
+    rights: u64,
+    /// Entry reads spared since last taken by the caller.
+    skipped: u32,
+}
+
+impl Stage2Memo {
+    #[inline]
+    fn clear(&mut self) {
+        self.level = 0;
+    }
+}
+
 /// The guest's paging structures as seen through stage 2: every entry
 /// address is translated (a stage-2 walk) before host memory is accessed.
 struct NestedTables<'a, M: GuestMemory + ?Sized> {
@@ -1187,9 +1331,11 @@ struct NestedTables<'a, M: GuestMemory + ?Sized> {
     gla: u64,
     mode: WalkMode,
     stats: &'a mut NestedStats,
+    memo: Stage2Memo,
 }
 
 impl<M: GuestMemory + ?Sized> NestedTables<'_, M> {
+    #[inline]
     fn stage2(
         &mut self,
         gpa: u64,
@@ -1206,7 +1352,38 @@ impl<M: GuestMemory + ?Sized> NestedTables<'_, M> {
             .translate_in(&mut counting, gpa, access, gla, self.mode);
         self.stats.stage2_reads = self.stats.stage2_reads.saturating_add(counting.reads);
         self.stats.stage2_writes = self.stats.stage2_writes.saturating_add(counting.writes);
+        if counting.writes != 0 {
+            // Our own write may have changed an entry the memo holds.
+            self.memo.clear();
+        }
         result.map_err(NestedWalkError::from_stage2)
+    }
+}
+
+impl<M: GuestMemory + ?Sized> NestedTables<'_, M> {
+    /// The host address of the guest paging-structure entry at `gpa`: the
+    /// lean, memoized EPT walk when stage 2 sets no flag, else a full
+    /// stage-2 walk.
+    #[inline]
+    fn table(&mut self, gpa: u64, access: Stage2Access) -> Result<u64, NestedWalkError> {
+        let gla = Some(self.gla);
+        match self.stage2 {
+            Stage2Context::Ept(ept) if !(self.mode == WalkMode::Update && ept.ad) => {
+                let mut counting = Counting {
+                    inner: &mut self.reader,
+                    reads: 0,
+                    writes: 0,
+                };
+                let result = ept.lean_hpa(&mut counting, gpa, access, gla, &mut self.memo);
+                // The architecture reads every level; the memo only spared
+                // reading again what this walk read moments ago.
+                let reads = counting.reads.saturating_add(self.memo.skipped);
+                self.memo.skipped = 0;
+                self.stats.stage2_reads = self.stats.stage2_reads.saturating_add(reads);
+                result.map_err(NestedWalkError::from_stage2)
+            }
+            _ => self.stage2(gpa, access, gla).map(|t| t.hpa),
+        }
     }
 }
 
@@ -1214,11 +1391,11 @@ impl<M: GuestMemory + ?Sized> TableMemory for NestedTables<'_, M> {
     type Error = NestedWalkError;
 
     fn read(&mut self, wide: bool, level: u8, gpa: u64) -> Result<u64, NestedWalkError> {
-        let t = self.stage2(gpa, Stage2Access::TableRead, Some(self.gla))?;
+        let hpa = self.table(gpa, Stage2Access::TableRead)?;
         self.stats.stage1_reads = self.stats.stage1_reads.saturating_add(1);
         self.reader
-            .read(wide, level, t.hpa)
-            .map_err(|e| stage1_memory(e, level, t.hpa))
+            .read(wide, level, hpa)
+            .map_err(|e| stage1_memory(e, level, hpa))
     }
 
     fn compare_exchange(
@@ -1229,10 +1406,12 @@ impl<M: GuestMemory + ?Sized> TableMemory for NestedTables<'_, M> {
         old: u64,
         new: u64,
     ) -> Result<bool, NestedWalkError> {
-        let t = self.stage2(gpa, Stage2Access::TableUpdate, Some(self.gla))?;
+        let hpa = self.table(gpa, Stage2Access::TableUpdate)?;
         self.stats.stage1_writes = self.stats.stage1_writes.saturating_add(1);
-        compare_exchange(self.memory, wide, level, t.hpa, old, new)
-            .map_err(|e| stage1_memory(e, level, t.hpa))
+        // A guest table may share a page with stage-2 tables.
+        self.memo.clear();
+        compare_exchange(self.memory, wide, level, hpa, old, new)
+            .map_err(|e| stage1_memory(e, level, hpa))
     }
 }
 
@@ -1244,6 +1423,7 @@ impl<M: GuestMemory + ?Sized> TableMemory for NestedTables<'_, M> {
 /// them; stage-2 faults say whether they hit a guest paging-structure
 /// access or the final access. With [`WalkMode::Update`] both stages set
 /// accessed/dirty bits (guest A/D updates are stage-2 writes).
+#[inline]
 pub fn walk_2d<M: GuestMemory + ?Sized>(
     guest: &PagingContext,
     stage2: &Stage2Context,
@@ -1258,6 +1438,7 @@ pub fn walk_2d<M: GuestMemory + ?Sized>(
 
 /// [`walk_2d`], adding the memory references it makes to `stats` whether or
 /// not it succeeds.
+#[inline]
 pub fn walk_2d_counted<M: GuestMemory + ?Sized>(
     guest: &PagingContext,
     stage2: &Stage2Context,
@@ -1279,6 +1460,7 @@ pub fn walk_2d_counted<M: GuestMemory + ?Sized>(
         gla,
         mode,
         stats,
+        memo: Stage2Memo::default(),
     };
     let stage1 = walk_tables(guest, &mut tables, gva, access, mode)?;
     let stage2_t = tables.stage2(stage1.gpa, Stage2Access::Data(access.kind), Some(gla))?;

@@ -68,8 +68,8 @@
 //! flushes its own TLB after any invalidation. The area must not be
 //! writable by the guest.
 //!
-//! Everything is bounded: the cache has a fixed capacity (LRU within each
-//! set), every entry depends on at most five table pages and one large
+//! Everything is bounded: the cache has a fixed capacity (least recently
+//! used within each set, timed by walks), every entry depends on at most five table pages and one large
 //! page (so the reverse maps hold at most six references per entry), the
 //! number of address spaces is capped, and no operation loops over a
 //! guest-controlled count.
@@ -309,6 +309,9 @@ struct Slot {
     user: bool,
     writable: bool,
     executable: bool,
+    /// `user << 2 | writable << 1 | executable`: the column of the
+    /// permission table.
+    rights: u8,
     dirty: bool,
     global: bool,
     /// Bits 62:59 of the leaf (IA-32e modes), else 0.
@@ -332,6 +335,7 @@ const EMPTY: Slot = Slot {
     user: false,
     writable: false,
     executable: false,
+    rights: 0,
     dirty: false,
     global: false,
     key: 0,
@@ -386,6 +390,8 @@ pub struct ShadowMmu<'m, M: GuestMemory + ?Sized> {
     regs: ControlRegs,
     features: CpuFeatures,
     ctx: PagingContext,
+    /// [`va_form`] of the current mode.
+    va: (u64, u32),
     spaces: Vec<Space>,
     max_spaces: usize,
     cur: u16,
@@ -427,6 +433,24 @@ fn normalize(mode: PagingMode, gva: u64) -> Option<u64> {
     }
 }
 
+/// How [`normalize`] treats addresses in `mode`, as (mask, shift): the
+/// address is `gva & mask`, and canonical if sign-extending it from bit
+/// `63 - shift` gives it back (shift 0: always).
+fn va_form(mode: PagingMode) -> (u64, u32) {
+    match mode {
+        PagingMode::Level4 => (u64::MAX, 16),
+        PagingMode::Level5 => (u64::MAX, 7),
+        PagingMode::None | PagingMode::Bits32 | PagingMode::Pae => (0xffff_ffff, 0),
+    }
+}
+
+/// [`normalize`] with the form of [`va_form`], without a branch on the mode.
+#[inline(always)]
+fn normalize_with((mask, shift): (u64, u32), gva: u64) -> Option<u64> {
+    let g = gva & mask;
+    ((((g << shift) as i64) >> shift) as u64 == g).then_some(g)
+}
+
 /// Whether two contexts give every walk the same translation (all but the
 /// rights checks, which lookups redo).
 fn same_shape(a: &PagingContext, b: &PagingContext) -> bool {
@@ -452,19 +476,16 @@ fn keys(ctx: &PagingContext, user: bool) -> Option<u32> {
 
 /// Whether `ctx` lets `access` through the cached entry without a walk
 /// (never more than [`walk`] allows; a write to a clean page walks).
-#[inline]
+#[inline(always)]
 fn permits(ctx: &PagingContext, slot: &Slot, access: Access) -> bool {
     let write = access.kind == AccessKind::Write;
     if write && !slot.dirty {
         return false;
     }
-    let index = (usize::from(slot.user) << 2)
-        | (usize::from(slot.writable) << 1)
-        | usize::from(slot.executable);
     let Some(mask) = ctx.perm.get(access.index()) else {
         return false;
     };
-    if mask >> index & 1 != 0 {
+    if mask >> slot.rights & 1 != 0 {
         return false;
     }
     if access.kind != AccessKind::Fetch {
@@ -536,6 +557,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
             memory,
             regs,
             features: *features,
+            va: va_form(ctx.mode),
             ctx,
             spaces: Vec::new(),
             max_spaces: config.max_spaces,
@@ -645,13 +667,21 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
     /// the access, else by a walk ([`WalkMode::Update`]) whose success is
     /// cached. Page faults are returned as the walker reports them and are
     /// never cached.
+    ///
+    /// A hit is a handful of instructions (a set probe and a rights check),
+    /// so this is inlined into the caller; a miss calls out of line.
+    #[inline(always)]
     pub fn translate<H: HostMap + ?Sized>(
         &mut self,
         host: &H,
         gva: u64,
         access: Access,
     ) -> Result<ShadowTranslation, WalkError> {
-        self.lookup(host, gva, access).map(|(_, t)| t)
+        self.sync_host(host);
+        if let Some((_, t)) = self.hit(host, gva, access) {
+            return Ok(t);
+        }
+        self.miss(host, gva, access).map(|(_, t)| t)
     }
 
     fn lookup<H: HostMap + ?Sized>(
@@ -661,24 +691,51 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         access: Access,
     ) -> Result<(usize, ShadowTranslation), WalkError> {
         self.sync_host(host);
-        self.tick += 1;
-        if let Some(g) = normalize(self.ctx.mode, gva) {
-            if let Some(i) = self.find(self.cur, g >> 12) {
-                if let Some(slot) = self.slots.get_mut(i) {
-                    if permits(&self.ctx, slot, access) {
-                        slot.last_use = self.tick;
-                        if slot.host_epoch != self.map_epoch {
-                            slot.host = resolve(host, slot.gpa_page);
-                            slot.host_epoch = self.map_epoch;
-                        }
-                        self.stats.hits += 1;
-                        if let Some(slot) = self.slots.get(i) {
-                            return Ok((i, self.view(&self.ctx, slot, g, true)));
-                        }
-                    }
-                }
-            }
+        if let Some(found) = self.hit(host, gva, access) {
+            return Ok(found);
         }
+        self.miss(host, gva, access)
+    }
+
+    /// The cached entry of `gva` in the current space, if it allows
+    /// `access` (see [`permits`]); counts the hit and refreshes the LRU
+    /// stamp. Kept small and inlined: it is the whole cost of a hit.
+    #[inline(always)]
+    fn hit<H: HostMap + ?Sized>(
+        &mut self,
+        host: &H,
+        gva: u64,
+        access: Access,
+    ) -> Option<(usize, ShadowTranslation)> {
+        let g = normalize_with(self.va, gva)?;
+        let i = self.find(self.cur, g >> 12)?;
+        let slot = self.slots.get_mut(i)?;
+        if !permits(&self.ctx, slot, access) {
+            return None;
+        }
+        // The clock advances per walk, not per hit: the stamp says in
+        // which interval between walks (the only times an entry can be
+        // evicted) the entry was last used, which is all the replacement
+        // choice needs up to ties within one interval.
+        slot.last_use = self.tick;
+        if slot.host_epoch != self.map_epoch {
+            refresh_host(host, slot, self.map_epoch);
+        }
+        self.stats.hits += 1;
+        let slot = self.slots.get(i)?;
+        Some((i, self.view(&self.ctx, slot, g, true)))
+    }
+
+    /// A lookup the cache cannot serve: walks ([`WalkMode::Update`]) and
+    /// caches a success.
+    #[inline(never)]
+    fn miss<H: HostMap + ?Sized>(
+        &mut self,
+        host: &H,
+        gva: u64,
+        access: Access,
+    ) -> Result<(usize, ShadowTranslation), WalkError> {
+        self.tick += 1;
         self.stats.walks += 1;
         let t = walk(&self.ctx, self.memory, gva, access, WalkMode::Update)?;
         let g = normalize(self.ctx.mode, gva).unwrap_or(gva);
@@ -810,6 +867,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         let cr3_load = cr3_load || old.cr3 != regs.cr3 || old.pdptrs != regs.pdptrs;
         self.regs = regs;
         self.features = *features;
+        self.va = va_form(ctx.mode);
         self.ctx = ctx;
         if flush_all {
             self.flush_all();
@@ -916,18 +974,24 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         self.settle();
     }
 
-    #[inline]
+    #[inline(always)]
     fn sync_host<H: HostMap + ?Sized>(&mut self, host: &H) {
         let generation = host.generation();
         if self.host_generation != Some(generation) {
-            if self.host_generation.is_some() {
-                self.memory_map_changed();
-            }
-            self.host_generation = Some(generation);
+            self.generation_changed(generation);
         }
     }
 
-    #[inline]
+    #[cold]
+    #[inline(never)]
+    fn generation_changed(&mut self, generation: u64) {
+        if self.host_generation.is_some() {
+            self.memory_map_changed();
+        }
+        self.host_generation = Some(generation);
+    }
+
+    #[inline(always)]
     fn view(&self, ctx: &PagingContext, slot: &Slot, gva: u64, hit: bool) -> ShadowTranslation {
         let offset = gva & (PAGE - 1);
         let host = if slot.host_epoch == self.map_epoch {
@@ -949,13 +1013,13 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn set_of(&self, space: u16, vpn: u64) -> usize {
         let h = (vpn ^ (u64::from(space) << 52)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         ((h >> 32) as usize & self.set_mask) * WAYS
     }
 
-    #[inline]
+    #[inline(always)]
     fn find(&self, space: u16, vpn: u64) -> Option<usize> {
         let base = self.set_of(space, vpn);
         let want = (vpn, u32::from(space) + 1);
@@ -1011,6 +1075,7 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
             user: t.user,
             writable: t.writable,
             executable: t.executable,
+            rights: u8::from(t.user) << 2 | u8::from(t.writable) << 1 | u8::from(t.executable),
             dirty: leaf & D != 0,
             global: self.regs.cr4 & Self::CR4_PGE != 0 && leaf & G != 0,
             key: if long { ((leaf >> 59) & 0xf) as u8 } else { 0 },
@@ -1290,6 +1355,15 @@ impl<'m, M: GuestMemory + ?Sized> ShadowMmu<'m, M> {
         }
         Err(ShadowError::OutOfShadowSpace { base, len, gva })
     }
+}
+
+/// Resolves the host address of `slot` again (the memory map changed since
+/// it was filled).
+#[cold]
+#[inline(never)]
+fn refresh_host<H: HostMap + ?Sized>(host: &H, slot: &mut Slot, epoch: u64) {
+    slot.host = resolve(host, slot.gpa_page);
+    slot.host_epoch = epoch;
 }
 
 /// The host page of `gpa_page`, with invalid answers taken as not RAM.
