@@ -66,6 +66,19 @@
 //! * Only 1-byte accesses at offsets 0 and 4 are decoded; anything else is
 //!   refused with [`DeviceError::InvalidAccess`].
 //!
+//! # Snapshot state
+//!
+//! [`I8042::save_state`] returns an [`I8042State`]: the command byte, the
+//! output port (bit 0 the reset line, bit 1 A20), the output buffer with
+//! each byte's source, the last byte read, a controller or keyboard command
+//! waiting for its parameter, the keyboard's scanning flag, scancode set,
+//! LEDs and typematic rate, and the drop counters. The pending interrupt
+//! is implied by it: the byte at the head of the output buffer, on the
+//! line its source's command-byte bit enables. That line is an edge that
+//! was already sent when the byte reached the head, so
+//! [`I8042::restore_state`] does not send it again; the interrupt
+//! controller's own saved state holds it if the guest had not taken it.
+//!
 //! # Locking
 //!
 //! All state is behind one mutex. Interrupt lines are triggered after it is
@@ -77,6 +90,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bus::{BusDevice, DeviceError, IoAction, StopRequest};
 use crate::interrupt::InterruptLine;
+use crate::state::{StateError, StateReader, StateWriter};
 
 /// Capacity of the output buffer queue, in bytes.
 pub const OUTPUT_CAPACITY: usize = 16;
@@ -484,6 +498,243 @@ impl BusDevice for I8042 {
         };
         self.fire(triggers);
         Ok(action)
+    }
+}
+
+/// The guest-visible state of an [`I8042`], for snapshots (see the
+/// [module documentation](self#snapshot-state)).
+///
+/// Encoding (tag `KBC8`, version 1; see [`crate::state`]): `command_byte`,
+/// `output_port`, `a2` (bool), `last_read`, `controller_param`,
+/// `keyboard_param`, `scanning` (bool), `scancode_set`, `leds`,
+/// `typematic` (one byte each unless noted), `dropped_output`,
+/// `dropped_keys` (u64 each), `output` (a count of at most
+/// [`OUTPUT_CAPACITY`], then per byte the byte and its source: 0 keyboard,
+/// 1 aux).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct I8042State {
+    /// The controller command byte.
+    pub command_byte: u8,
+    /// The output port: bit 0 the CPU reset line (1 = not in reset), bit 1
+    /// the A20 gate.
+    pub output_port: u8,
+    /// The last write went to the command port (status bit 3).
+    pub a2: bool,
+    /// The byte a read of an empty output buffer returns.
+    pub last_read: u8,
+    /// The controller command waiting for a data byte: 0 none, 1 command
+    /// byte (`0x60`), 2 output port (`0xD1`), 3 keyboard buffer (`0xD2`),
+    /// 4 aux buffer (`0xD3`), 5 aux device (`0xD4`).
+    pub controller_param: u8,
+    /// The keyboard command waiting for a parameter: 0 none, 1 LEDs
+    /// (`0xED`), 2 scancode set (`0xF0`), 3 typematic rate (`0xF3`).
+    pub keyboard_param: u8,
+    /// The keyboard is scanning (sends host keys).
+    pub scanning: bool,
+    /// The keyboard's scancode set, 1-3.
+    pub scancode_set: u8,
+    /// The keyboard LEDs (bits 0-2).
+    pub leds: u8,
+    /// The typematic rate and delay (bits 0-6).
+    pub typematic: u8,
+    /// Bytes dropped because the output buffer was full.
+    pub dropped_output: u64,
+    /// Host keys refused while the keyboard was disabled or not scanning.
+    pub dropped_keys: u64,
+    /// The output buffer, head first: each byte and whether it comes from
+    /// the aux port.
+    pub output: Vec<(u8, bool)>,
+}
+
+const I8042_TAG: [u8; 4] = *b"KBC8";
+const I8042_VERSION: u8 = 1;
+
+fn controller_param_code(p: Option<ControllerParam>) -> u8 {
+    match p {
+        None => 0,
+        Some(ControllerParam::CommandByte) => 1,
+        Some(ControllerParam::OutputPort) => 2,
+        Some(ControllerParam::KeyboardBuffer) => 3,
+        Some(ControllerParam::AuxBuffer) => 4,
+        Some(ControllerParam::AuxDevice) => 5,
+    }
+}
+
+fn controller_param_from(code: u8) -> Option<Option<ControllerParam>> {
+    Some(match code {
+        0 => None,
+        1 => Some(ControllerParam::CommandByte),
+        2 => Some(ControllerParam::OutputPort),
+        3 => Some(ControllerParam::KeyboardBuffer),
+        4 => Some(ControllerParam::AuxBuffer),
+        5 => Some(ControllerParam::AuxDevice),
+        _ => return None,
+    })
+}
+
+fn keyboard_param_code(p: Option<KeyboardParam>) -> u8 {
+    match p {
+        None => 0,
+        Some(KeyboardParam::Leds) => 1,
+        Some(KeyboardParam::ScancodeSet) => 2,
+        Some(KeyboardParam::Typematic) => 3,
+    }
+}
+
+fn keyboard_param_from(code: u8) -> Option<Option<KeyboardParam>> {
+    Some(match code {
+        0 => None,
+        1 => Some(KeyboardParam::Leds),
+        2 => Some(KeyboardParam::ScancodeSet),
+        3 => Some(KeyboardParam::Typematic),
+        _ => return None,
+    })
+}
+
+impl I8042State {
+    /// Encodes the state (tag `KBC8`, version 1).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(I8042_TAG, I8042_VERSION);
+        w.u8(self.command_byte)
+            .u8(self.output_port)
+            .bool(self.a2)
+            .u8(self.last_read)
+            .u8(self.controller_param)
+            .u8(self.keyboard_param)
+            .bool(self.scanning)
+            .u8(self.scancode_set)
+            .u8(self.leds)
+            .u8(self.typematic)
+            .u64(self.dropped_output)
+            .u64(self.dropped_keys)
+            .count(self.output.len());
+        for &(byte, aux) in &self.output {
+            w.u8(byte).bool(aux);
+        }
+        w.finish()
+    }
+
+    /// Decodes and checks a state written by [`to_bytes`](Self::to_bytes):
+    /// parameter codes, the scancode set, LED and typematic bits and the
+    /// output buffer's length must be values the controller can reach.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("i8042", bytes, I8042_TAG, I8042_VERSION)?;
+        let command_byte = r.u8()?;
+        let output_port = r.u8()?;
+        let a2 = r.bool("a2")?;
+        let last_read = r.u8()?;
+        let controller_param = r.u8()?;
+        if controller_param_from(controller_param).is_none() {
+            return Err(r.invalid("controller_param", format!("code {controller_param}")));
+        }
+        let keyboard_param = r.u8()?;
+        if keyboard_param_from(keyboard_param).is_none() {
+            return Err(r.invalid("keyboard_param", format!("code {keyboard_param}")));
+        }
+        let scanning = r.bool("scanning")?;
+        let scancode_set = r.u8()?;
+        if !(1..=3).contains(&scancode_set) {
+            return Err(r.invalid("scancode_set", format!("set {scancode_set}")));
+        }
+        let leds = r.u8()?;
+        if leds & !0x07 != 0 {
+            return Err(r.invalid("leds", format!("{leds:#04x} has bits above 2")));
+        }
+        let typematic = r.u8()?;
+        if typematic & 0x80 != 0 {
+            return Err(r.invalid("typematic", format!("{typematic:#04x} has bit 7")));
+        }
+        let dropped_output = r.u64()?;
+        let dropped_keys = r.u64()?;
+        let n = r.count("output", 2, OUTPUT_CAPACITY)?;
+        let mut output = Vec::with_capacity(n);
+        for _ in 0..n {
+            let byte = r.u8()?;
+            let aux = r.bool("output source")?;
+            output.push((byte, aux));
+        }
+        r.finish()?;
+        Ok(Self {
+            command_byte,
+            output_port,
+            a2,
+            last_read,
+            controller_param,
+            keyboard_param,
+            scanning,
+            scancode_set,
+            leds,
+            typematic,
+            dropped_output,
+            dropped_keys,
+            output,
+        })
+    }
+}
+
+impl I8042 {
+    /// The controller and keyboard state, for a snapshot.
+    pub fn save_state(&self) -> I8042State {
+        let st = self.lock_state();
+        I8042State {
+            command_byte: st.command_byte,
+            output_port: st.output_port,
+            a2: st.a2,
+            last_read: st.last_read,
+            controller_param: controller_param_code(st.controller_param),
+            keyboard_param: keyboard_param_code(st.keyboard_param),
+            scanning: st.scanning,
+            scancode_set: st.scancode_set,
+            leds: st.leds,
+            typematic: st.typematic,
+            dropped_output: st.dropped_output,
+            dropped_keys: st.dropped_keys,
+            output: st
+                .output
+                .iter()
+                .map(|&(b, src)| (b, src == Source::Aux))
+                .collect(),
+        }
+    }
+
+    /// Restores a state from [`save_state`](Self::save_state). A state
+    /// with values the controller cannot reach is refused and the
+    /// controller is left unchanged. No interrupt line is triggered (see
+    /// the [module documentation](self#snapshot-state)).
+    pub fn restore_state(&self, state: &I8042State) -> Result<(), StateError> {
+        // Re-check: the state may have been built in memory.
+        I8042State::from_bytes(&state.to_bytes())?;
+        let (Some(controller_param), Some(keyboard_param)) = (
+            controller_param_from(state.controller_param),
+            keyboard_param_from(state.keyboard_param),
+        ) else {
+            return Err(StateError::Invalid {
+                what: "i8042",
+                field: "param",
+                reason: "unknown parameter code".into(),
+            });
+        };
+        let mut st = self.lock_state();
+        st.command_byte = state.command_byte;
+        st.output_port = state.output_port;
+        st.a2 = state.a2;
+        st.last_read = state.last_read;
+        st.controller_param = controller_param;
+        st.keyboard_param = keyboard_param;
+        st.scanning = state.scanning;
+        st.scancode_set = state.scancode_set;
+        st.leds = state.leds;
+        st.typematic = state.typematic;
+        st.dropped_output = state.dropped_output;
+        st.dropped_keys = state.dropped_keys;
+        st.output.clear();
+        st.output.extend(
+            state
+                .output
+                .iter()
+                .map(|&(b, aux)| (b, if aux { Source::Aux } else { Source::Keyboard })),
+        );
+        Ok(())
     }
 }
 

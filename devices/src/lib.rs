@@ -85,7 +85,7 @@ pub use bus::{
     StopRequest,
 };
 pub use debug_exit::DebugExit;
-pub use i8042::I8042;
+pub use i8042::{I8042State, I8042};
 pub use interrupt::{
     CallbackLine, InterruptError, InterruptLine, MsiEvent, MsiMessage, MsiVectors, NullLine,
     RecordingLine, RecordingMsiVectors,
@@ -94,6 +94,6 @@ pub use pci::{
     AddressAllocator, Bar, BarKind, ConfigSpace, HostBridge, IntxPin, Msix, MsixLayout, PciAddress,
     PciDevice, PciError, PciHeader, PciRoot, PciRootStats, PciWindows, ECAM_BUS_SIZE,
 };
-pub use rtc::{Rtc, RtcError};
+pub use rtc::{Rtc, RtcError, RtcState};
 pub use serial::{Serial, SerialState};
 pub use state::StateError;

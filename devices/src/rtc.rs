@@ -61,6 +61,20 @@
 //! * Only 1-byte accesses at offsets `0..2` are decoded; anything else is
 //!   refused with [`DeviceError::InvalidAccess`].
 //!
+//! # Snapshot state
+//!
+//! [`Rtc::save_state`] returns an [`RtcState`]: the index register and NMI
+//! mask, all 128 bytes of CMOS RAM (which hold registers A and B, the
+//! alarm registers, the frozen time while SET is set, and the plain RAM),
+//! and the clock as an offset from host time. A restored RTC therefore
+//! shows host time plus the guest's offset: it keeps counting across the
+//! snapshot (time spent saved counts as time passed, as on a machine that
+//! was switched off) and never jumps back to the moment of the save.
+//! Register C's reference point is saved relative to the clock's time at
+//! the save, so flags that were due before the save are still reported.
+//! Register D is constant and C is computed on read, so neither has RAM
+//! state (their RAM bytes must be 0).
+//!
 //! # Locking
 //!
 //! All state is behind one mutex. The clock function is called with that
@@ -71,6 +85,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bus::{BusDevice, DeviceError, IoAction};
+use crate::state::{StateError, StateReader, StateWriter};
 
 /// Size of the CMOS RAM (including the clock registers), in bytes.
 pub const CMOS_SIZE: usize = 128;
@@ -655,6 +670,116 @@ impl BusDevice for Rtc {
                 len: data.len(),
             }),
         }
+    }
+}
+
+/// The state of an [`Rtc`], for snapshots (see the
+/// [module documentation](self#snapshot-state)).
+///
+/// Encoding (tag `CMOS`, version 1; see [`crate::state`]): `index` (one
+/// byte, 0-127), `nmi_masked` (bool), `ram` (exactly [`CMOS_SIZE`] bytes,
+/// no count), `offset_nanos`, `since_c_read_nanos` (i128 each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtcState {
+    /// The selected register, 0-127.
+    pub index: u8,
+    /// The NMI mask bit of the last index write.
+    pub nmi_masked: bool,
+    /// CMOS RAM, registers included (A without UIP; C and D zero).
+    pub ram: [u8; CMOS_SIZE],
+    /// The guest's clock minus host time, in nanoseconds.
+    pub offset_nanos: i128,
+    /// The guest's clock at the save minus its time at the previous read
+    /// of register C, in nanoseconds.
+    pub since_c_read_nanos: i128,
+}
+
+const RTC_TAG: [u8; 4] = *b"CMOS";
+const RTC_VERSION: u8 = 1;
+/// Largest offset (either sign) a state may carry: far beyond any pair of
+/// a 0000-9999 guest date and a host time `SystemTime` can represent.
+const MAX_OFFSET_NANOS: i128 = 1 << 100;
+
+impl RtcState {
+    /// Encodes the state (tag `CMOS`, version 1).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(RTC_TAG, RTC_VERSION);
+        w.u8(self.index)
+            .bool(self.nmi_masked)
+            .raw(&self.ram)
+            .i128(self.offset_nanos)
+            .i128(self.since_c_read_nanos);
+        w.finish()
+    }
+
+    /// Decodes and checks a state written by [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("rtc", bytes, RTC_TAG, RTC_VERSION)?;
+        let index = r.u8()?;
+        if usize::from(index) >= CMOS_SIZE {
+            return Err(r.invalid("index", format!("{index:#x} is beyond the CMOS")));
+        }
+        let nmi_masked = r.bool("nmi_masked")?;
+        let ram: [u8; CMOS_SIZE] = r.array()?;
+        let byte = |reg: u8| ram.get(usize::from(reg)).copied().unwrap_or(0);
+        if byte(REG_A) & A_UIP != 0 {
+            return Err(r.invalid("ram", "register A has UIP stored".into()));
+        }
+        if byte(REG_C) != 0 || byte(REG_D) != 0 {
+            return Err(r.invalid("ram", "registers C and D keep no RAM byte".into()));
+        }
+        let offset_nanos = r.i128()?;
+        let since_c_read_nanos = r.i128()?;
+        for (field, v) in [
+            ("offset_nanos", offset_nanos),
+            ("since_c_read_nanos", since_c_read_nanos),
+        ] {
+            if v.unsigned_abs() > MAX_OFFSET_NANOS.unsigned_abs() {
+                return Err(r.invalid(field, format!("{v} ns is beyond any clock")));
+            }
+        }
+        r.finish()?;
+        Ok(Self {
+            index,
+            nmi_masked,
+            ram,
+            offset_nanos,
+            since_c_read_nanos,
+        })
+    }
+}
+
+impl Rtc {
+    /// The RTC's state, for a snapshot.
+    pub fn save_state(&self) -> RtcState {
+        let st = self.lock_state();
+        let now = self.now_nanos(&st);
+        RtcState {
+            index: st.index,
+            nmi_masked: st.nmi_masked,
+            ram: st.ram,
+            offset_nanos: st.offset_nanos,
+            since_c_read_nanos: now
+                .saturating_sub(st.last_c_read)
+                .clamp(-MAX_OFFSET_NANOS, MAX_OFFSET_NANOS),
+        }
+    }
+
+    /// Restores a state from [`save_state`](Self::save_state): the guest's
+    /// clock continues from host time plus the saved offset. A state with
+    /// values the RTC cannot produce is refused and the RTC is left
+    /// unchanged.
+    pub fn restore_state(&self, state: &RtcState) -> Result<(), StateError> {
+        // Re-check: the state may have been built in memory.
+        RtcState::from_bytes(&state.to_bytes())?;
+        let mut st = self.lock_state();
+        st.index = state.index;
+        st.nmi_masked = state.nmi_masked;
+        st.ram = state.ram;
+        st.offset_nanos = state.offset_nanos;
+        let now = self.now_nanos(&st);
+        st.last_c_read = now.saturating_sub(state.since_c_read_nanos);
+        Ok(())
     }
 }
 

@@ -11,7 +11,8 @@
 //! | 1 | version of that type's layout |
 //! | rest | the fields, in the order each type documents |
 //!
-//! Fields are little-endian integers of fixed width; `bool` is one byte
+//! Fields are little-endian integers of fixed width (signed ones in two's
+//! complement); `bool` is one byte
 //! that must be 0 or 1; a variable-length field (a byte string or a list)
 //! is a `u32` count followed by its elements. Nested states (a transport
 //! holding a queue) are written inline without their own tag.
@@ -143,6 +144,12 @@ impl StateWriter {
 
     /// Appends a little-endian `u64`.
     pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    /// Appends a little-endian `i128` (two's complement, 16 bytes).
+    pub fn i128(&mut self, v: i128) -> &mut Self {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
@@ -280,6 +287,11 @@ impl<'a> StateReader<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
+    /// Reads a little-endian `i128`.
+    pub fn i128(&mut self) -> Result<i128, StateError> {
+        Ok(i128::from_le_bytes(self.array()?))
+    }
+
     /// Reads a count of elements of at least `min_element_size` bytes
     /// each, refusing counts above `max` or larger than the rest of the
     /// input could hold.
@@ -345,6 +357,7 @@ mod tests {
             .u16(0x1234)
             .u32(7)
             .u64(u64::MAX)
+            .i128(-5)
             .bytes(b"abc");
         let bytes = w.finish();
         let mut r = StateReader::new("test", &bytes, *b"TEST", 3).unwrap();
@@ -353,6 +366,7 @@ mod tests {
         assert_eq!(r.u16().unwrap(), 0x1234);
         assert_eq!(r.u32().unwrap(), 7);
         assert_eq!(r.u64().unwrap(), u64::MAX);
+        assert_eq!(r.i128().unwrap(), -5);
         assert_eq!(r.bytes("s", 3).unwrap(), b"abc");
         r.finish().unwrap();
 

@@ -5,7 +5,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use vmkit_devices::pci::{ConfigSpaceState, MsixState, PciRootState};
-use vmkit_devices::SerialState;
+use vmkit_devices::{I8042State, RtcState, SerialState};
+use vmkit_virtio::devices::console::ConsoleState;
+use vmkit_virtio::devices::net::NetState;
 use vmkit_virtio::transport::{MmioState, PciState};
 
 fuzz_target!(|data: &[u8]| {
@@ -25,6 +27,18 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(s.to_bytes(), data);
     }
     if let Ok(s) = PciState::from_bytes(data) {
+        assert_eq!(s.to_bytes(), data);
+    }
+    if let Ok(s) = I8042State::from_bytes(data) {
+        assert_eq!(s.to_bytes(), data);
+    }
+    if let Ok(s) = RtcState::from_bytes(data) {
+        assert_eq!(s.to_bytes(), data);
+    }
+    if let Ok(s) = ConsoleState::from_bytes(data) {
+        assert_eq!(s.to_bytes(), data);
+    }
+    if let Ok(s) = NetState::from_bytes(data) {
         assert_eq!(s.to_bytes(), data);
     }
 });

@@ -102,6 +102,23 @@
 //! one. Device models add their state as named `DEVS` sections (their own
 //! versioning is theirs); the container does not interpret them.
 //!
+//! # Device state
+//!
+//! The bytes of a `DEVS` section are, for vmkit's own devices, the
+//! encodings described in `vmkit_devices::state` (a 4-character tag, a
+//! layout version, then fixed little-endian fields; decoding is strict):
+//! for example `SerialState::to_bytes` (`UART`), `I8042State` (`KBC8`),
+//! `RtcState` (`CMOS`), `PciRootState`, and the virtio transports'
+//! `MmioState`/`PciState`, which carry the virtio device's own state
+//! (`VCON`, `VNET`, ...) inside. This crate does not depend on those
+//! crates, so it neither checks nor interprets them. Section names, by
+//! convention, say what the device is and where the guest sees it, so that
+//! a restore finds each state for the device created at the same place:
+//! `<kind>@<location>`, e.g. `serial@pio:0x3f8`, `i8042@pio:0x60`,
+//! `rtc@pio:0x70`, `pci-root@0`, `virtio-mmio@0xd0000000`,
+//! `virtio-pci@00:03.0`. Pass them to [`Snapshot::set_device`] when saving
+//! and read them back with [`Snapshot::device`].
+//!
 //! A reader refuses, with a [`SnapshotError`] saying what and where: another
 //! magic; another format version (older or newer, naming both); another
 //! architecture or struct size; truncated input; a checksum mismatch; a

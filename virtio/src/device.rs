@@ -123,6 +123,12 @@ pub trait VirtioDevice: Send {
     /// but keeps its backend; the transport activates it again with the
     /// same queues (or, on restore, a fresh device with restored ones).
     ///
+    /// Whatever the device held between events and cannot put back in a
+    /// ring (buffered console input, a received frame waiting for buffers)
+    /// goes into its [`save_device_state`](Self::save_device_state) and is
+    /// handed to the next activation. Block, rng, console and net
+    /// implement it.
+    ///
     /// The default returns `None`: the device cannot be snapshotted while
     /// active, and the transport refuses to save its state.
     fn pause(&mut self) -> Option<Vec<Option<Queue>>> {

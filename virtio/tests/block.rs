@@ -524,3 +524,61 @@ fn mapped_reads_refuse_direct_and_accept_empty_images() {
     .unwrap();
     assert_eq!(dev.capacity(), 0);
 }
+
+#[test]
+fn polling_worker_serves_requests_and_rearms_notifications() {
+    const F_EVENT_IDX: u64 = 1 << 29;
+    for format in FORMATS {
+        for wanted in [0, F_EVENT_IDX] {
+            let img = TempImage::new(64 * 512, pattern);
+            let options = BlockOptions {
+                poll_us: 200,
+                ..Default::default()
+            };
+            let dev = Block::open(&img.path, options).unwrap();
+            let mut r = rig(Box::new(dev), format, wanted);
+            // Back-to-back requests: the worker's window grows and it
+            // polls for the next one while the driver submits it.
+            for i in 0..60u64 {
+                let data = vec![i as u8; 512];
+                let rep = request(&mut r, T_OUT, i % 64, &data, 0, false);
+                assert_eq!(rep.status, S_OK);
+                let rep = request(&mut r, T_IN, i % 64, &[], 512, false);
+                assert_eq!(rep.status, S_OK);
+                assert_eq!(rep.data, data, "request {i} ({format:?}, {wanted:#x})");
+            }
+            // Idle far past the window: the worker must have re-enabled
+            // notifications before blocking, or the next kick is lost.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if wanted == 0 {
+                let (_, _, device) = r.driver.ring_addresses(0).unwrap();
+                let mut f = [0u8; 4];
+                r.driver
+                    .mem()
+                    .read_slice(&mut f, GuestAddress(device))
+                    .unwrap();
+                match format {
+                    // Split: VRING_USED_F_NO_NOTIFY clear.
+                    RingFormat::Split => assert_eq!(f[0] & 1, 0, "split ring left suppressed"),
+                    // Packed: device event flags not "disable" (1).
+                    RingFormat::Packed => {
+                        assert_ne!(u16::from_le_bytes([f[2], f[3]]), 1, "packed left disabled")
+                    }
+                }
+            }
+            let rep = request(&mut r, T_IN, 3, &[], 512, false);
+            assert_eq!(rep.status, S_OK);
+            assert_eq!(rep.data, vec![3u8; 512]);
+        }
+    }
+}
+
+#[test]
+fn polling_window_above_the_maximum_is_refused() {
+    let img = TempImage::new(8 * 512, pattern);
+    let options = BlockOptions {
+        poll_us: vmkit_virtio::worker::MAX_POLL_US + 1,
+        ..Default::default()
+    };
+    assert!(Block::open(&img.path, options).is_err());
+}

@@ -2,8 +2,9 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::config::{Bar, ConfigSpace, PciHeader};
+use super::config::{Bar, ConfigSpace, ConfigSpaceState, PciHeader};
 use crate::bus::{DeviceError, IoAction};
+use crate::state::StateError;
 
 /// A PCI function on the root complex.
 ///
@@ -64,6 +65,14 @@ pub const HOST_BRIDGE_VENDOR_ID: u16 = 0x1b36;
 pub const HOST_BRIDGE_DEVICE_ID: u16 = 0x0008;
 
 /// The host bridge at `00:00.0`: class 06/00/00, no BARs, no interrupt.
+///
+/// # Snapshot state
+///
+/// Its identity is read-only, but a guest can write the command and status
+/// registers and the other writable header bytes (cache line size, latency
+/// timer, interrupt line). [`save_state`](Self::save_state) returns the
+/// whole configuration space as a [`ConfigSpaceState`] (tag `PCFG`), which
+/// [`restore_state`](Self::restore_state) checks and copies back.
 #[derive(Debug)]
 pub struct HostBridge {
     config: Mutex<ConfigSpace>,
@@ -91,6 +100,18 @@ impl HostBridge {
         Self {
             config: Mutex::new(ConfigSpace::new(&header)),
         }
+    }
+
+    /// The guest-writable configuration state, for a snapshot.
+    pub fn save_state(&self) -> ConfigSpaceState {
+        self.config().save_state()
+    }
+
+    /// Restores [`save_state`](Self::save_state) into a host bridge; a
+    /// state of another function (different identity bytes) is refused
+    /// with [`StateError::Mismatch`] and changes nothing.
+    pub fn restore_state(&self, state: &ConfigSpaceState) -> Result<(), StateError> {
+        self.config().restore_state(state)
     }
 
     fn config(&self) -> MutexGuard<'_, ConfigSpace> {
@@ -138,5 +159,28 @@ mod tests {
         assert!(hb.bar_read(0, 0, &mut data).is_err());
         assert!(hb.bar_write(0, 0, &data).is_err());
         assert!(format!("{hb:?}").contains("0x1b36"));
+    }
+
+    #[test]
+    fn host_bridge_state_round_trips() {
+        let hb = HostBridge::new();
+        hb.config_write(4, &[0x06, 0]);
+        hb.config_write(0x3C, &[0x0B]);
+        let state = hb.save_state();
+        let bytes = state.to_bytes();
+        let other = HostBridge::new();
+        assert_eq!(other.command(), 0);
+        other
+            .restore_state(&ConfigSpaceState::from_bytes(&bytes).unwrap())
+            .unwrap();
+        assert_eq!(other.command(), 0x06);
+        assert_eq!(other.save_state(), state);
+        // A space with another vendor ID is not this bridge's.
+        let mut foreign = state.clone();
+        foreign.bytes[0] ^= 1;
+        assert!(matches!(
+            HostBridge::new().restore_state(&foreign),
+            Err(StateError::Mismatch { .. })
+        ));
     }
 }

@@ -40,7 +40,9 @@ use vmm_sys_util::epoll::EventSet;
 use crate::device::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::device_type;
 use crate::queue::{ChainReader, ChainWriter, DescChain};
-use crate::worker::{Completion, ServedQueue, Worker, WorkerHandler};
+use crate::worker::{
+    Completion, ServedQueue, Worker, WorkerHandler, WorkerOptions, DEFAULT_POLL_US, MAX_POLL_US,
+};
 
 /// Bytes per sector (virtio-blk addresses in 512-byte units whatever the
 /// block size).
@@ -121,6 +123,11 @@ pub struct BlockOptions {
     pub max_write_zeroes_sectors: u32,
     /// Most ranges per write-zeroes request.
     pub max_write_zeroes_seg: u32,
+    /// Longest time in microseconds the worker polls the queue for new
+    /// requests before it blocks (0: never poll; at most
+    /// [`MAX_POLL_US`]). The window adapts to the load, so an idle disk
+    /// does not poll; see [`crate::worker`].
+    pub poll_us: u32,
 }
 
 impl Default for BlockOptions {
@@ -137,6 +144,7 @@ impl Default for BlockOptions {
             max_discard_seg: 32,
             max_write_zeroes_sectors: 1 << 22,
             max_write_zeroes_seg: 32,
+            poll_us: DEFAULT_POLL_US,
         }
     }
 }
@@ -187,6 +195,12 @@ impl Block {
                 "seg_max {} must be 1..={}",
                 options.seg_max,
                 q - 2
+            )));
+        }
+        if options.poll_us > MAX_POLL_US {
+            return Err(BlockError::Option(format!(
+                "poll_us {} above {MAX_POLL_US}",
+                options.poll_us
             )));
         }
         if options.size_max < SECTOR_SIZE as u32 {
@@ -288,7 +302,7 @@ impl VirtioDevice for Block {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
         let file = self.file.try_clone().map_err(ActivateError::Backend)?;
-        let queue = ServedQueue::new(active);
+        let queue = ServedQueue::new(active).polled();
         let source = queue.source(0);
         let worker = BlockWorker {
             disk: Disk {
@@ -303,8 +317,13 @@ impl VirtioDevice for Block {
             interrupt: activation.interrupt,
             queue,
         };
-        self.worker =
-            Some(Worker::spawn("virtio-blk", &[source], worker).map_err(ActivateError::Backend)?);
+        let options = WorkerOptions {
+            poll_us: self.options.poll_us,
+        };
+        self.worker = Some(
+            Worker::spawn_with("virtio-blk", &[source], worker, options)
+                .map_err(ActivateError::Backend)?,
+        );
         Ok(())
     }
 
@@ -336,6 +355,20 @@ impl WorkerHandler for BlockWorker {
         self.queue
             .serve(mem, &*self.interrupt, |chain| disk.request(mem, chain));
         ControlFlow::Continue(())
+    }
+
+    fn poll(&mut self) -> bool {
+        let mem = &self.mem;
+        let disk = &mut self.disk;
+        self.queue
+            .poll(mem, &*self.interrupt, |chain| disk.request(mem, chain))
+    }
+
+    fn park(&mut self) -> bool {
+        let mem = &self.mem;
+        let disk = &mut self.disk;
+        self.queue
+            .park(mem, &*self.interrupt, |chain| disk.request(mem, chain))
     }
 }
 

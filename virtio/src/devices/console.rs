@@ -17,6 +17,17 @@
 //!
 //! Terminal modes (raw mode and the like) are the VMM's business: the
 //! device never touches termios.
+//!
+//! Snapshots: [`VirtioDevice::pause`] stops the worker at a quiescent
+//! point. A transmit chain the backend took only part of is put back at
+//! the head of the transmit ring (it was the last chain popped), and the
+//! number of its bytes already written is kept, so that the first chain
+//! popped after the device is activated again continues after them: no
+//! output byte is lost or written twice. Buffered input bytes are kept as
+//! well. Both are carried in [`ConsoleState`] (the device state the
+//! transport saves) and handed to the next activation; a reset discards
+//! them. Bytes still inside the backend (unread input, output a terminal
+//! has not drawn) belong to the host, not to the snapshot.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -37,6 +48,8 @@ use crate::device_type;
 use crate::devices::net::give_back;
 use crate::queue::{DescChain, Queue, QueueError};
 use crate::worker::{drain_eventfd, Worker, WorkerHandler, WorkerSource};
+use vmkit_devices::state::{StateReader, StateWriter};
+use vmkit_devices::StateError;
 
 /// `VIRTIO_CONSOLE_F_SIZE`: `cols` and `rows` are valid.
 pub const F_SIZE: u32 = 0;
@@ -498,6 +511,55 @@ impl ConsoleCounters {
 
 type SharedBackend = Arc<Mutex<Box<dyn ConsoleBackend>>>;
 
+/// The device-specific snapshot state of a [`Console`]: what a paused
+/// worker held (see the [module documentation](self)).
+///
+/// Encoding (tag `VCON`, version 1; see [`vmkit_devices::state`]):
+/// `broken` (bool), `tx_done` (u64), `input` (byte string of at most
+/// [`MAX_STATE_INPUT`] bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsoleState {
+    /// The rings were found broken (DEVICE_NEEDS_RESET was raised): the
+    /// device does not touch them until a reset.
+    pub broken: bool,
+    /// Bytes of the chain at the head of the transmit ring already
+    /// written to the backend; the device skips them when it pops it.
+    pub tx_done: u64,
+    /// Input bytes waiting for receive buffers, oldest first.
+    pub input: Vec<u8>,
+}
+
+const CONSOLE_TAG: [u8; 4] = *b"VCON";
+const CONSOLE_VERSION: u8 = 1;
+/// Most buffered input bytes a [`ConsoleState`] carries. A device whose
+/// [`ConsoleOptions::input_buffer`] is larger keeps only this many of the
+/// oldest bytes in a snapshot (the rest are dropped and counted in
+/// [`ConsoleStats::input_dropped`]).
+pub const MAX_STATE_INPUT: usize = 512 * 1024;
+
+impl ConsoleState {
+    /// Encodes the state (tag `VCON`, version 1).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(CONSOLE_TAG, CONSOLE_VERSION);
+        w.bool(self.broken).u64(self.tx_done).bytes(&self.input);
+        w.finish()
+    }
+
+    /// Decodes a state written by [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("virtio-console", bytes, CONSOLE_TAG, CONSOLE_VERSION)?;
+        let broken = r.bool("broken")?;
+        let tx_done = r.u64()?;
+        let input = r.bytes("input", MAX_STATE_INPUT)?;
+        r.finish()?;
+        Ok(Self {
+            broken,
+            tx_done,
+            input,
+        })
+    }
+}
+
 /// A virtio console device (port 0).
 #[derive(Debug)]
 pub struct Console {
@@ -507,6 +569,8 @@ pub struct Console {
     sizes: [u16; 2],
     counters: Arc<ConsoleCounters>,
     worker: Option<Worker>,
+    /// What a pause (or a restore) left for the next activation.
+    carried: ConsoleState,
 }
 
 impl Console {
@@ -535,6 +599,7 @@ impl Console {
             options,
             counters: Arc::default(),
             worker: None,
+            carried: ConsoleState::default(),
         })
     }
 
@@ -604,12 +669,17 @@ impl VirtioDevice for Console {
                 events: EventSet::IN,
             });
         }
+        let carried = std::mem::take(&mut self.carried);
+        let mut engine = ConsoleEngine::new(self.options.input_buffer);
+        engine.input = carried.input.into();
+        engine.resume_offset = usize::try_from(carried.tx_done).unwrap_or(usize::MAX);
+        engine.broken = carried.broken;
         let worker = ConsoleWorker {
             mem: activation.mem,
             interrupt: activation.interrupt,
             backend: self.backend.clone(),
             counters: self.counters.clone(),
-            engine: ConsoleEngine::new(self.options.input_buffer),
+            engine,
             rx: rx.queue,
             rx_notify: rx.notify,
             tx: tx.queue,
@@ -625,6 +695,62 @@ impl VirtioDevice for Console {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+        self.carried = ConsoleState::default();
+    }
+
+    fn pause(&mut self) -> Option<Vec<Option<Queue>>> {
+        let mut w = self.worker.take()?.stop_and_take::<ConsoleWorker>()?;
+        let mut carried = ConsoleState {
+            broken: w.engine.broken,
+            ..ConsoleState::default()
+        };
+        if let Some((chain, done)) = w.engine.current.take() {
+            // The worker pops a transmit chain only when none is in
+            // flight, so this one is the last popped: it goes back to the
+            // head of the ring, and the next activation skips its first
+            // `done` bytes.
+            w.tx.undo_pop(chain.token());
+            carried.tx_done = done as u64;
+        } else {
+            carried.tx_done = w.engine.resume_offset as u64;
+        }
+        let input = std::mem::take(&mut w.engine.input);
+        let keep = input.len().min(MAX_STATE_INPUT);
+        if keep < input.len() {
+            ConsoleCounters::add(&self.counters.input_dropped, (input.len() - keep) as u64);
+        }
+        carried.input = input.into_iter().take(keep).collect();
+        self.carried = carried;
+        Some(vec![Some(w.rx), Some(w.tx)])
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        self.carried.to_bytes()
+    }
+
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        let state = ConsoleState::from_bytes(state)?;
+        if state.input.len() > self.options.input_buffer {
+            return Err(StateError::Mismatch {
+                what: "virtio-console",
+                reason: format!(
+                    "{} buffered input bytes, this device keeps at most {}",
+                    state.input.len(),
+                    self.options.input_buffer
+                ),
+            });
+        }
+        if self.worker.is_some() {
+            return Err(StateError::Mismatch {
+                what: "virtio-console",
+                reason: "the device is active".into(),
+            });
+        }
+        self.carried = state;
+        Ok(())
     }
 }
 
@@ -733,6 +859,9 @@ pub struct ConsoleEngine {
     capacity: usize,
     /// The transmit chain being written and how many of its bytes are out.
     current: Option<(DescChain, usize)>,
+    /// Bytes of the next transmit chain popped that were written before a
+    /// snapshot (see the [module documentation](self)).
+    resume_offset: usize,
     output_blocked: bool,
     broken: bool,
 }
@@ -744,6 +873,7 @@ impl ConsoleEngine {
             input: VecDeque::new(),
             capacity: input_buffer,
             current: None,
+            resume_offset: 0,
             output_blocked: false,
             broken: false,
         }
@@ -862,7 +992,7 @@ impl ConsoleEngine {
             let (chain, mut done) = match self.current.take() {
                 Some(c) => c,
                 None => match queue.pop(mem)? {
-                    Some(c) => (c, 0),
+                    Some(c) => (c, std::mem::take(&mut self.resume_offset)),
                     None => {
                         if rechecked || !queue.enable_notification(mem)? {
                             break;

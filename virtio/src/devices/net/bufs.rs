@@ -12,6 +12,9 @@ use crate::queue::Descriptor;
 /// goes through the device's bounce buffer).
 pub const MAX_IOVECS: usize = 64;
 
+/// Most iovecs [`FrameBufs::with_batch_iovecs`] hands over at once.
+pub const MAX_BATCH_IOVECS: usize = 1024;
+
 type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemoryMmap>>;
 
 // Lives on the stack for one frame: boxing the large variant would cost
@@ -180,6 +183,63 @@ impl<'a> FrameBufs<'a> {
                 f(&iov[..1])
             }
         }
+    }
+
+    /// Calls `f` with the iovecs of every frame in `frames`, all in one
+    /// array, and the range of that array each frame's iovecs occupy (for
+    /// a batch send such as `sendmmsg`). The iovecs are valid for **reads
+    /// only** until `f` returns (otherwise as in
+    /// [`FrameBufs::with_iovecs`]); `f` gets ranges only for the frames
+    /// whose iovecs fit in the first [`MAX_BATCH_IOVECS`].
+    pub fn with_batch_iovecs<R>(
+        frames: &[FrameBufs<'_>],
+        f: impl FnOnce(&[libc::iovec], &[std::ops::Range<usize>]) -> R,
+    ) -> R {
+        let mut iov: Vec<libc::iovec> = Vec::new();
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(frames.len());
+        // Guards keep every guest pointer valid until `f` returns.
+        let mut guards = Vec::new();
+        for frame in frames.iter() {
+            let start = iov.len();
+            match &frame.inner {
+                Inner::Guest {
+                    slices,
+                    count,
+                    tail,
+                } => {
+                    if start + count + 1 > MAX_BATCH_IOVECS {
+                        break;
+                    }
+                    for s in slices.iter().take(*count).flatten() {
+                        let g = s.ptr_guard_mut();
+                        iov.push(libc::iovec {
+                            iov_base: g.as_ptr().cast(),
+                            iov_len: s.len(),
+                        });
+                        guards.push(g);
+                    }
+                    if !tail.is_empty() {
+                        iov.push(libc::iovec {
+                            iov_base: tail.as_ptr().cast_mut().cast(),
+                            iov_len: tail.len(),
+                        });
+                    }
+                }
+                Inner::Host(buf) => {
+                    if start + 1 > MAX_BATCH_IOVECS {
+                        break;
+                    }
+                    iov.push(libc::iovec {
+                        iov_base: buf.as_ptr().cast_mut().cast(),
+                        iov_len: buf.len(),
+                    });
+                }
+            }
+            ranges.push(start..iov.len());
+        }
+        let r = f(&iov, &ranges);
+        drop(guards);
+        r
     }
 
     /// Records that a backend wrote the first `n` bytes through the iovecs

@@ -28,6 +28,19 @@
 //!
 //! Work per wake-up is bounded on both queues; counters ([`NetStats`]) are
 //! readable at any time through [`Net::stats`].
+//!
+//! Snapshots: the worker handles one event at a time and ends each with no
+//! chain popped and unused, so [`VirtioDevice::pause`] always stops it at a
+//! frame boundary: every frame is either wholly in the receive ring (its
+//! chains used) or not in it at all, and every transmit chain is either
+//! sent and used or still available. The one frame the device can hold
+//! between events (received from the backend, waiting for enough mergeable
+//! buffers) is carried in [`NetState`] and delivered once after the next
+//! activation, so it is neither lost nor delivered twice. What a snapshot
+//! does *not* hold is what the backend holds: frames queued in the tap (or
+//! socket) and not yet read. Resuming in the same process keeps them;
+//! restoring with a new backend loses them, as a NIC drops frames when its
+//! link goes down; the guest's protocols retransmit.
 
 mod bufs;
 mod pair;
@@ -48,9 +61,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::device_type;
 use crate::queue::{ChainReader, DescChain, Queue, QueueError};
-use crate::worker::{drain_eventfd, Completion, ServedQueue, Worker, WorkerHandler, WorkerSource};
+use crate::worker::{
+    drain_eventfd, Batched, Completion, ServedQueue, Worker, WorkerHandler, WorkerOptions,
+    WorkerSource, DEFAULT_POLL_US, MAX_POLL_US,
+};
+use vmkit_devices::state::{StateReader, StateWriter};
+use vmkit_devices::StateError;
 
-pub use bufs::{FrameBufs, MAX_IOVECS};
+pub use bufs::{FrameBufs, MAX_BATCH_IOVECS, MAX_IOVECS};
 pub use pair::{NetPair, PairBackend};
 pub use tap::{Tap, TapError};
 
@@ -100,6 +118,22 @@ pub trait NetBackend: Send + std::fmt::Debug {
     /// backend cannot take it now (the device retries when `raw_fd`
     /// becomes writable).
     fn send(&mut self, bufs: &mut FrameBufs<'_>) -> io::Result<()>;
+
+    /// Sends the frames in `frames`, in order, each whole, and returns
+    /// how many were sent (a prefix of `frames`). Fails only when the
+    /// first frame cannot be sent, with the error [`NetBackend::send`]
+    /// would give; the device then retries or drops that frame and calls
+    /// again with the rest. The default sends one frame per
+    /// [`NetBackend::send`]; a backend with a batch system call
+    /// (`sendmmsg`) overrides it.
+    fn send_batch(&mut self, frames: &mut [FrameBufs<'_>]) -> io::Result<usize> {
+        for (i, f) in frames.iter_mut().enumerate() {
+            if let Err(e) = self.send(f) {
+                return if i == 0 { Err(e) } else { Ok(i) };
+            }
+        }
+        Ok(frames.len())
+    }
 
     /// The [`offload`] flags the backend can accept.
     fn supported_offloads(&self) -> u32;
@@ -186,6 +220,10 @@ pub struct NetOptions {
     pub mrg_rxbuf: bool,
     /// Queue size of both queues (a power of two).
     pub queue_size: u16,
+    /// Longest time in microseconds the worker polls the transmit queue
+    /// for new frames before it blocks (0: never poll; at most
+    /// [`MAX_POLL_US`]); adaptive, see [`crate::worker`].
+    pub poll_us: u32,
 }
 
 impl Default for NetOptions {
@@ -195,6 +233,7 @@ impl Default for NetOptions {
             mtu: None,
             mrg_rxbuf: true,
             queue_size: 256,
+            poll_us: DEFAULT_POLL_US,
         }
     }
 }
@@ -209,6 +248,65 @@ pub enum NetError {
 
 type SharedBackend = Arc<Mutex<Box<dyn NetBackend>>>;
 
+/// The device-specific snapshot state of a [`Net`]: what a paused worker
+/// held (see the [module documentation](self)).
+///
+/// Encoding (tag `VNET`, version 1; see [`vmkit_devices::state`]):
+/// `rx_broken`, `tx_broken` (bool each), then `has_rx_frame` (bool) and,
+/// if set, `rx_frame` (byte string of [`HDR_LEN`] to [`MAX_FRAME_LEN`]
+/// bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetState {
+    /// The receive ring was found broken (DEVICE_NEEDS_RESET raised).
+    pub rx_broken: bool,
+    /// The transmit ring was found broken.
+    pub tx_broken: bool,
+    /// A received frame (header included) waiting for receive buffers.
+    pub rx_frame: Option<Vec<u8>>,
+}
+
+const NET_TAG: [u8; 4] = *b"VNET";
+const NET_VERSION: u8 = 1;
+
+impl NetState {
+    /// Encodes the state (tag `VNET`, version 1).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = StateWriter::new(NET_TAG, NET_VERSION);
+        w.bool(self.rx_broken)
+            .bool(self.tx_broken)
+            .bool(self.rx_frame.is_some());
+        if let Some(f) = &self.rx_frame {
+            w.bytes(f);
+        }
+        w.finish()
+    }
+
+    /// Decodes and checks a state written by [`to_bytes`](Self::to_bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let mut r = StateReader::new("virtio-net", bytes, NET_TAG, NET_VERSION)?;
+        let rx_broken = r.bool("rx_broken")?;
+        let tx_broken = r.bool("tx_broken")?;
+        let rx_frame = if r.bool("has_rx_frame")? {
+            let f = r.bytes("rx_frame", MAX_FRAME_LEN)?;
+            if f.len() < HDR_LEN {
+                return Err(r.invalid(
+                    "rx_frame",
+                    format!("{} bytes, shorter than the header", f.len()),
+                ));
+            }
+            Some(f)
+        } else {
+            None
+        };
+        r.finish()?;
+        Ok(Self {
+            rx_broken,
+            tx_broken,
+            rx_frame,
+        })
+    }
+}
+
 /// A virtio network device.
 #[derive(Debug)]
 pub struct Net {
@@ -218,6 +316,8 @@ pub struct Net {
     sizes: [u16; 2],
     counters: Arc<NetCounters>,
     worker: Option<Worker>,
+    /// What a pause (or a restore) left for the next activation.
+    carried: NetState,
 }
 
 impl Net {
@@ -226,6 +326,12 @@ impl Net {
         let q = options.queue_size;
         if q < 2 || !q.is_power_of_two() {
             return Err(NetError::Option(format!("queue size {q}")));
+        }
+        if options.poll_us > MAX_POLL_US {
+            return Err(NetError::Option(format!(
+                "poll_us {} above {MAX_POLL_US}",
+                options.poll_us
+            )));
         }
         if let Some(mtu) = options.mtu {
             if mtu < 68 {
@@ -246,6 +352,7 @@ impl Net {
             config,
             counters: Arc::new(NetCounters::default()),
             worker: None,
+            carried: NetState::default(),
         })
     }
 
@@ -347,7 +454,13 @@ impl VirtioDevice for Net {
             b.set_offloads(wanted).map_err(ActivateError::Backend)?;
             b.raw_fd()
         };
-        let tx = ServedQueue::new(tx);
+        let carried = std::mem::take(&mut self.carried);
+        let mut rx_engine = RxEngine::new(activation.features);
+        if let Some(frame) = carried.rx_frame {
+            rx_engine.hold(&frame);
+        }
+        let mut tx = ServedQueue::new(tx);
+        tx.broken = carried.tx_broken;
         let sources = [
             WorkerSource {
                 fd: rx.notify.as_raw_fd(),
@@ -368,14 +481,19 @@ impl VirtioDevice for Net {
             counters: self.counters.clone(),
             rx: rx.queue,
             rx_notify: rx.notify,
-            rx_broken: false,
-            rx_engine: RxEngine::new(activation.features),
+            rx_broken: carried.rx_broken,
+            rx_engine,
             tx,
             features: activation.features,
             tx_blocked: false,
         };
-        self.worker =
-            Some(Worker::spawn("virtio-net", &sources, worker).map_err(ActivateError::Backend)?);
+        let options = WorkerOptions {
+            poll_us: self.options.poll_us,
+        };
+        self.worker = Some(
+            Worker::spawn_with("virtio-net", &sources, worker, options)
+                .map_err(ActivateError::Backend)?,
+        );
         Ok(())
     }
 
@@ -383,6 +501,38 @@ impl VirtioDevice for Net {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+        self.carried = NetState::default();
+    }
+
+    fn pause(&mut self) -> Option<Vec<Option<Queue>>> {
+        // Between events the worker holds no popped chain (module
+        // documentation), so both queues are at a frame boundary.
+        let w = self.worker.take()?.stop_and_take::<NetWorker>()?;
+        self.carried = NetState {
+            rx_broken: w.rx_broken,
+            tx_broken: w.tx.broken,
+            rx_frame: w.rx_engine.pending_frame().map(<[u8]>::to_vec),
+        };
+        Some(vec![Some(w.rx), Some(w.tx.queue)])
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        self.carried.to_bytes()
+    }
+
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        let state = NetState::from_bytes(state)?;
+        if self.worker.is_some() {
+            return Err(StateError::Mismatch {
+                what: "virtio-net",
+                reason: "the device is active".into(),
+            });
+        }
+        self.carried = state;
+        Ok(())
     }
 }
 
@@ -441,23 +591,116 @@ impl NetWorker {
         self.interrupt.needs_reset();
     }
 
-    fn transmit(&mut self, backend: &mut dyn NetBackend, notified: bool) {
+    /// Sends what the transmit queue holds: `notified` consumes the
+    /// queue's notification first, `polled` serves only new chains
+    /// (returns whether there were any), otherwise the ring is drained.
+    fn transmit(&mut self, backend: &mut dyn NetBackend, how: Tx) -> bool {
         let mem = &self.mem;
         let features = self.features;
         let counters = &*self.counters;
         let mut blocked = false;
-        let f = |chain: &DescChain| {
-            let c = transmit_chain(mem, chain, features, backend, counters);
-            blocked |= c == Completion::NotNow;
-            c
+        let mut handler = Batched {
+            max: TX_BATCH,
+            f: |chains: &[DescChain], out: &mut Vec<Completion>| {
+                blocked = transmit_batch(mem, chains, features, backend, counters, out);
+            },
         };
-        if notified {
-            self.tx.serve(mem, &*self.interrupt, f);
-        } else {
-            self.tx.process(mem, &*self.interrupt, f);
+        let interrupt = &*self.interrupt;
+        let found = match how {
+            Tx::Notified => {
+                self.tx.serve_with(mem, interrupt, &mut handler);
+                true
+            }
+            Tx::Ready => {
+                self.tx.process_with(mem, interrupt, &mut handler);
+                true
+            }
+            Tx::Poll => self.tx.poll_with(mem, interrupt, &mut handler),
+            Tx::Park => self.tx.park_with(mem, interrupt, &mut handler),
+        };
+        if found {
+            self.tx_blocked = blocked;
         }
-        self.tx_blocked = blocked;
+        found
     }
+}
+
+/// Why [`NetWorker::transmit`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tx {
+    /// The driver notified the queue.
+    Notified,
+    /// The backend can take frames again.
+    Ready,
+    /// The worker polls for chains added without a notification.
+    Poll,
+    /// The worker is about to block.
+    Park,
+}
+
+/// Transmit chains handed to the backend per batch.
+const TX_BATCH: usize = 32;
+
+/// Sends the frames of `chains` (in order) with as few backend calls as
+/// it can, pushing one completion per chain handled onto `out`; stops at
+/// the first frame the backend cannot take now and returns `true` then.
+fn transmit_batch(
+    mem: &GuestMemoryMmap,
+    chains: &[DescChain],
+    features: u64,
+    backend: &mut dyn NetBackend,
+    counters: &NetCounters,
+    out: &mut Vec<Completion>,
+) -> bool {
+    let mut frames: Vec<FrameBufs<'_>> = Vec::with_capacity(chains.len());
+    let mut i = 0;
+    while i < chains.len() {
+        // The run of chains whose frames go straight from guest memory.
+        frames.clear();
+        while let Some(c) = chains.get(i) {
+            match tx_frame(mem, c, features) {
+                Ok(f) => frames.push(f),
+                Err(_) => break,
+            }
+            i += 1;
+        }
+        let mut sent = 0;
+        while sent < frames.len() {
+            let rest = frames.get_mut(sent..).unwrap_or_default();
+            match backend.send_batch(rest) {
+                Ok(n) if n > 0 => {
+                    for f in rest.iter().take(n) {
+                        NetCounters::add(&counters.tx_frames, 1);
+                        NetCounters::add(
+                            &counters.tx_bytes,
+                            f.len().saturating_sub(HDR_LEN) as u64,
+                        );
+                        out.push(Completion::Used(0));
+                    }
+                    sent += n;
+                }
+                Ok(_) => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    log::debug!("virtio-net: backend refused a frame: {e}");
+                    NetCounters::add(&counters.tx_dropped, 1);
+                    out.push(Completion::Used(0));
+                    sent += 1;
+                }
+            }
+        }
+        // A chain that is not a plain frame (refused, or staged): one at a
+        // time.
+        if let Some(c) = chains.get(i) {
+            let done = transmit_chain(mem, c, features, backend, counters);
+            out.push(done);
+            if done == Completion::NotNow {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
 }
 
 impl WorkerHandler for NetWorker {
@@ -471,10 +714,12 @@ impl WorkerHandler for NetWorker {
                 drain_eventfd(&self.rx_notify);
                 self.receive(backend);
             }
-            TX_TOKEN => self.transmit(backend, true),
+            TX_TOKEN => {
+                self.transmit(backend, Tx::Notified);
+            }
             BACKEND_TOKEN => {
                 if events.contains(EventSet::OUT) && self.tx_blocked {
-                    self.transmit(backend, false);
+                    self.transmit(backend, Tx::Ready);
                 }
                 if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
                     self.receive(backend);
@@ -483,6 +728,22 @@ impl WorkerHandler for NetWorker {
             _ => {}
         }
         ControlFlow::Continue(())
+    }
+
+    fn poll(&mut self) -> bool {
+        if self.tx_blocked {
+            // Frames wait for the backend, which says when it is ready.
+            return false;
+        }
+        let backend = self.backend.clone();
+        let mut guard = backend.lock().unwrap_or_else(PoisonError::into_inner);
+        self.transmit(&mut **guard, Tx::Poll)
+    }
+
+    fn park(&mut self) -> bool {
+        let backend = self.backend.clone();
+        let mut guard = backend.lock().unwrap_or_else(PoisonError::into_inner);
+        self.transmit(&mut **guard, Tx::Park)
     }
 }
 
@@ -525,6 +786,49 @@ fn offloads_allowed(hdr: &[u8; HDR_LEN], features: u64, guest: bool) -> bool {
     }
 }
 
+/// Why a transmit chain's frame cannot go straight from guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxReject {
+    /// The chain is wrong (counted in `tx_errors`, returned unsent).
+    Invalid(&'static str),
+    /// A good frame of this many bytes in more pieces than one system
+    /// call takes: it has to be staged.
+    TooMany(usize),
+}
+
+/// Checks a transmit chain and describes its frame for the backend.
+fn tx_frame<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: &DescChain,
+    features: u64,
+) -> Result<FrameBufs<'a>, TxReject> {
+    if !chain.writable().is_empty() {
+        return Err(TxReject::Invalid(
+            "device-writable buffer in a transmit chain",
+        ));
+    }
+    let mut reader = chain.reader(mem);
+    let len = reader.available();
+    if len < HDR_LEN {
+        return Err(TxReject::Invalid("shorter than the virtio-net header"));
+    }
+    if len > MAX_FRAME_LEN {
+        return Err(TxReject::Invalid("frame too long"));
+    }
+    let mut hdr = [0u8; HDR_LEN];
+    if reader.read_exact(&mut hdr).is_err() {
+        return Err(TxReject::Invalid("header not in guest memory"));
+    }
+    if !offloads_allowed(&hdr, features, false) {
+        return Err(TxReject::Invalid("offload not negotiated"));
+    }
+    match FrameBufs::from_guest(mem, chain.readable(), len) {
+        Ok(b) => Ok(b),
+        Err(bufs::BufsError::Memory) => Err(TxReject::Invalid("buffer outside guest memory")),
+        Err(bufs::BufsError::TooMany) => Err(TxReject::TooMany(len)),
+    }
+}
+
 /// Sends the frame of one transmit chain to `backend` (the worker's step
 /// for each transmit chain; public for fuzzing and tests).
 ///
@@ -542,29 +846,11 @@ pub fn transmit_chain(
         NetCounters::add(&counters.tx_errors, 1);
         Completion::Used(0)
     };
-    if !chain.writable().is_empty() {
-        return error("device-writable buffer in a transmit chain");
-    }
-    let mut reader = chain.reader(mem);
-    let len = reader.available();
-    if len < HDR_LEN {
-        return error("shorter than the virtio-net header");
-    }
-    if len > MAX_FRAME_LEN {
-        return error("frame too long");
-    }
-    let mut hdr = [0u8; HDR_LEN];
-    if reader.read_exact(&mut hdr).is_err() {
-        return error("header not in guest memory");
-    }
-    if !offloads_allowed(&hdr, features, false) {
-        return error("offload not negotiated");
-    }
     let mut bounce;
-    let mut bufs = match FrameBufs::from_guest(mem, chain.readable(), len) {
+    let mut bufs = match tx_frame(mem, chain, features) {
         Ok(b) => b,
-        Err(bufs::BufsError::Memory) => return error("buffer outside guest memory"),
-        Err(bufs::BufsError::TooMany) => {
+        Err(TxReject::Invalid(why)) => return error(why),
+        Err(TxReject::TooMany(len)) => {
             // Rare: more pieces than one system call takes. Stage the
             // frame (bounded by MAX_FRAME_LEN).
             bounce = vec![0u8; len];
@@ -575,10 +861,11 @@ pub fn transmit_chain(
             FrameBufs::from_slice(&mut bounce)
         }
     };
+    let len = bufs.len();
     match backend.send(&mut bufs) {
         Ok(()) => {
             NetCounters::add(&counters.tx_frames, 1);
-            NetCounters::add(&counters.tx_bytes, (len - HDR_LEN) as u64);
+            NetCounters::add(&counters.tx_bytes, len.saturating_sub(HDR_LEN) as u64);
             Completion::Used(0)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Completion::NotNow,
@@ -640,6 +927,26 @@ impl RxEngine {
     /// Whether a frame is held, waiting for receive buffers.
     pub fn has_pending(&self) -> bool {
         self.pending.is_some()
+    }
+
+    /// The frame held for receive buffers (header included), if any.
+    pub fn pending_frame(&self) -> Option<&[u8]> {
+        self.pending.and_then(|len| self.bounce.get(..len))
+    }
+
+    /// Holds `frame` (header included) as if it had just been received and
+    /// were waiting for buffers: the next [`run`](Self::run) delivers it
+    /// before reading the backend. For a restored snapshot; a frame
+    /// shorter than [`HDR_LEN`] or longer than [`MAX_FRAME_LEN`] is
+    /// ignored.
+    pub fn hold(&mut self, frame: &[u8]) {
+        if !(HDR_LEN..=MAX_FRAME_LEN).contains(&frame.len()) {
+            return;
+        }
+        if let Some(dst) = self.bounce.get_mut(..frame.len()) {
+            dst.copy_from_slice(frame);
+            self.pending = Some(frame.len());
+        }
     }
 
     fn mergeable(&self) -> bool {

@@ -124,6 +124,43 @@ impl NetBackend for PairBackend {
         Ok(())
     }
 
+    fn send_batch(&mut self, frames: &mut [FrameBufs<'_>]) -> io::Result<usize> {
+        let fd = self.sock.as_raw_fd();
+        let n = FrameBufs::with_batch_iovecs(frames, |iov, ranges| {
+            let mut msgs: Vec<libc::mmsghdr> = ranges
+                .iter()
+                .filter_map(|r| iov.get(r.clone()))
+                .map(|v| {
+                    // SAFETY: an all-zero mmsghdr is valid (null pointers,
+                    // zero lengths).
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_iov = v.as_ptr().cast_mut();
+                    m.msg_hdr.msg_iovlen = v.len();
+                    m
+                })
+                .collect();
+            // At most MAX_BATCH_IOVECS messages, which fits in a c_uint.
+            let count = msgs.len() as libc::c_uint;
+            // SAFETY: each header points at iovecs valid for reads of
+            // their lengths until this closure returns
+            // (FrameBufs::with_batch_iovecs); sendmmsg only reads them and
+            // writes the headers' msg_len fields, inside `msgs`.
+            unsafe {
+                libc::sendmmsg(
+                    fd,
+                    msgs.as_mut_ptr(),
+                    count,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            }
+        });
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // 0 ≤ n ≤ the number of messages.
+        Ok(n as usize)
+    }
+
     fn supported_offloads(&self) -> u32 {
         self.supported
     }
