@@ -388,6 +388,11 @@ fn verify_disk(path: &Path) -> CheckStatus {
     }
 }
 
+/// Whether L2's command line asks for a profiling run (`vmkit.dmesg`).
+fn profiling(l2_cmdline: &str) -> bool {
+    l2_cmdline.split_whitespace().any(|w| w == "vmkit.dmesg")
+}
+
 /// Prints the CPU time of each of the VMM's threads (profiling runs): in
 /// L1's single CPU, whatever the VMM's own threads use is taken from L2.
 fn print_thread_times(pid: libc::pid_t) {
@@ -599,7 +604,7 @@ fn run_once(
                             if let Some((name, status)) = protocol::parse_check(&text) {
                                 if name == "init-reached" {
                                     result.boot_to_init_ms.get_or_insert(ms);
-                                    if l2_cmdline.split_whitespace().any(|w| w == "vmkit.dmesg") {
+                                    if profiling(l2_cmdline) {
                                         print_thread_times(pid);
                                     }
                                 }
@@ -681,7 +686,7 @@ fn run_once(
         },
     );
     record(&mut checks, "host-blk-write", verify_disk(&disk));
-    if l2_cmdline.split_whitespace().any(|w| w == "vmkit.dmesg") {
+    if profiling(l2_cmdline) {
         print_dmesg(&disk);
     }
     result.checks = checks;
