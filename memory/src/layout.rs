@@ -386,28 +386,37 @@ impl MemoryLayout {
         let mut file_pos = 0u64;
         for r in &self.ram {
             let size = usize::try_from(r.len).map_err(|_| LayoutError::HostSize(r.len))?;
-            let bitmap = if options.dirty_tracking {
-                Some(AtomicBitmap::new(size, page_size_nz()))
-            } else {
-                None
-            };
-            let builder = MmapRegionBuilder::new_with_bitmap(size, bitmap)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-            let builder = match &options.backing {
-                Backing::Anonymous { .. } => builder
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+            let file_offset = match &options.backing {
+                Backing::Anonymous { .. } => None,
                 Backing::SharedFile { file, offset } => {
                     let fo = FileOffset::from_arc(file.clone(), offset + file_pos);
                     file_pos += r.len;
-                    builder
-                        .with_file_offset(fo)
-                        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+                    Some(fo)
                 }
             };
-            let mmap = builder.build().map_err(|source| LayoutError::Mmap {
-                guest_addr: r.base,
-                size: r.len,
-                source,
+            let build = |bitmap: Option<AtomicBitmap>| {
+                let builder = MmapRegionBuilder::new_with_bitmap(size, bitmap)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+                let builder = match &file_offset {
+                    None => builder.with_mmap_flags(
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    ),
+                    Some(fo) => builder
+                        .with_file_offset(fo.clone())
+                        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE),
+                };
+                builder.build().map_err(|source| LayoutError::Mmap {
+                    guest_addr: r.base,
+                    size: r.len,
+                    source,
+                })
+            };
+            let mmap = map_huge_aligned(size, || {
+                build(
+                    options
+                        .dirty_tracking
+                        .then(|| AtomicBitmap::new(size, page_size_nz())),
+                )
             })?;
             if let Backing::Anonymous {
                 transparent_huge_pages: true,
@@ -433,6 +442,122 @@ impl MemoryLayout {
             regions.push(region);
         }
         Ok(GuestMemoryMmap::from_regions(regions)?)
+    }
+}
+
+/// Size of an x86-64 huge page mapped by one PMD (2 MiB).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// How many times [`map_huge_aligned`] steers a mapping before it accepts
+/// wherever the kernel put it.
+const ALIGN_ATTEMPTS: usize = 4;
+
+/// Maps a region with `map` so that its host address is 2 MiB aligned when
+/// the region is at least that large.
+///
+/// KVM maps guest memory with 2 MiB (nested) page-table entries only where
+/// the guest-physical and the host-virtual address agree modulo 2 MiB; a
+/// memory slot whose host address is merely 4 KiB aligned gets 4 KiB
+/// mappings throughout, whatever backs it, and every first guest touch of a
+/// 4 KiB page then costs a nested page fault. Guest RAM regions start at
+/// 2 MiB aligned guest addresses, so an aligned host address is what makes
+/// transparent (or hugetlbfs) huge pages reach the guest. Kernels before 6.7
+/// do not align large anonymous mappings by themselves, and vm-memory maps
+/// with a null hint (it forbids `MAP_FIXED`), so the mapping is steered:
+/// [`AlignedHole`] leaves exactly one free hole of the region's size at a
+/// 2 MiB boundary, fenced by reserved address space, where the kernel's
+/// allocator places the next mapping of that size. Another free gap of a
+/// suitable size, or another thread mapping at the same moment, can still
+/// win; such an attempt is kept mapped (so the next attempt cannot land in
+/// the same gap) and the steering repeats, up to [`ALIGN_ATTEMPTS`] times,
+/// after which the last mapping is used as it is. Alignment only affects
+/// speed, never correctness.
+fn map_huge_aligned<R: vm_memory::bitmap::Bitmap>(
+    size: usize,
+    mut map: impl FnMut() -> Result<vm_memory::mmap::MmapRegion<R>, LayoutError>,
+) -> Result<vm_memory::mmap::MmapRegion<R>, LayoutError> {
+    if size < HUGE_PAGE {
+        return map();
+    }
+    let mut misplaced = Vec::new();
+    for _ in 1..ALIGN_ATTEMPTS {
+        let hole = AlignedHole::new(size);
+        let region = map()?;
+        drop(hole);
+        if (region.as_ptr() as usize) % HUGE_PAGE == 0 {
+            return Ok(region);
+        }
+        misplaced.push(region);
+    }
+    let hole = AlignedHole::new(size);
+    let region = map();
+    drop(hole);
+    region
+}
+
+/// Reserved (`PROT_NONE`) address space around a free hole of exactly
+/// `size` bytes that starts at a 2 MiB boundary. Dropping it releases the
+/// reservation; whatever was mapped into the hole in between stays.
+struct AlignedHole {
+    /// The reservation below the hole (may be empty).
+    below: (usize, usize),
+    /// The reservation above the hole (never empty).
+    above: (usize, usize),
+}
+
+impl AlignedHole {
+    /// Reserves `size + 2 MiB` bytes and frees the aligned `size` bytes
+    /// inside them. `None` when the address space or the kernel refuses,
+    /// in which case nothing stays reserved.
+    fn new(size: usize) -> Option<Self> {
+        let total = size.checked_add(HUGE_PAGE)?;
+        // SAFETY: a null hint without MAP_FIXED asks the kernel for fresh,
+        // inaccessible address space; no existing mapping is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let start = base as usize;
+        // mmap returns a page-aligned address, so the hole starts less than
+        // 2 MiB into the reservation and ends at least one page before its
+        // end: [hole, hole + size) lies strictly inside it.
+        let hole = start.next_multiple_of(HUGE_PAGE);
+        let end = start + total;
+        // SAFETY: [hole, hole + size) is part of the reservation created
+        // above, which this function alone knows about; unmapping it frees
+        // address space and invalidates no reference.
+        if unsafe { libc::munmap(hole as *mut libc::c_void, size) } != 0 {
+            // SAFETY: the hole could not be made, so the whole reservation is
+            // still ours and unused; releasing it invalidates no reference.
+            unsafe { libc::munmap(base, total) };
+            return None;
+        }
+        Some(AlignedHole {
+            below: (start, hole - start),
+            above: (hole + size, end - (hole + size)),
+        })
+    }
+}
+
+impl Drop for AlignedHole {
+    fn drop(&mut self) {
+        for (addr, len) in [self.below, self.above] {
+            if len > 0 {
+                // SAFETY: the range is one of the PROT_NONE pieces this
+                // value reserved; no reference points into inaccessible
+                // memory and nothing else maps over it without MAP_FIXED.
+                unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+            }
+        }
     }
 }
 
@@ -712,6 +837,55 @@ mod tests {
             .unwrap();
         mem.write_obj(7u64, GuestAddress(2 * MIB)).unwrap();
         assert_eq!(mem.read_obj::<u64>(GuestAddress(2 * MIB)).unwrap(), 7);
+    }
+
+    #[test]
+    fn large_regions_are_mapped_at_huge_page_boundaries() {
+        // Both RAM regions (below the gap and above 4 GiB) of every backing
+        // start at 2 MiB aligned host addresses, so KVM can map them with
+        // 2 MiB nested-paging entries. Several layouts in a row: a region
+        // steered into its hole must not leave a hole for the next. Sizes
+        // that are not multiples of 2 MiB, which even kernels that align
+        // large anonymous mappings themselves (6.7 and later) leave alone.
+        let gib = 1u64 << 30;
+        for (ram, gap) in [
+            (64 * MIB, 3 * gib),
+            (6 * MIB + PAGE_SIZE, 3 * gib),
+            (gib + 4 * MIB + 3 * PAGE_SIZE, gib),
+        ] {
+            let l = MemoryLayout::with_mmio_gap(ram, gap).unwrap();
+            let mem = l
+                .create_memory(&MemoryOptions {
+                    backing: Backing::Anonymous {
+                        transparent_huge_pages: true,
+                    },
+                    dirty_tracking: true,
+                })
+                .unwrap();
+            for region in mem.iter() {
+                let host = region.as_ptr() as usize;
+                if region.len() >= HUGE_PAGE as u64 {
+                    assert_eq!(
+                        host % HUGE_PAGE,
+                        0,
+                        "region at {:#x}",
+                        region.start_addr().0
+                    );
+                }
+            }
+            // The memory works where the steering put it.
+            let last = if ram > gap {
+                GuestAddress(MMIO_GAP_END + (ram - gap) - 8)
+            } else {
+                GuestAddress(ram - 8)
+            };
+            mem.write_obj(0x55aa_u64, last).unwrap();
+            assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x55aa);
+        }
+        let small = MemoryLayout::new(MIB)
+            .unwrap()
+            .create_memory(&MemoryOptions::default());
+        assert!(small.is_ok());
     }
 
     #[test]

@@ -486,6 +486,9 @@ impl Drop for KvmMsiVectors {
     }
 }
 
+/// Stack size of the resample thread.
+const RESAMPLE_STACK_BYTES: usize = 256 * 1024;
+
 /// A thread that serves the resample fds of level [`IrqLine`]s, re-raising
 /// each line that is still asserted after the guest's EOI. Stopped and
 /// joined when dropped.
@@ -522,6 +525,9 @@ impl ResampleWorker {
             .map_err(io("epoll_ctl"))?;
         let thread = std::thread::Builder::new()
             .name("vmkit-resample".into())
+            // It only waits and writes eventfds; a small stack also keeps
+            // it out of transparent huge pages (see virtio's worker stacks).
+            .stack_size(RESAMPLE_STACK_BYTES)
             .spawn(move || serve(&epoll, &lines, stop_token))
             .map_err(io("spawning the resample thread"))?;
         Ok(ResampleWorker {

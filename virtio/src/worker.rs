@@ -90,6 +90,13 @@ pub const MAX_POLL_US: u32 = 1000;
 /// 32 µs).
 pub const DEFAULT_POLL_US: u32 = 0;
 
+/// Stack size of a worker thread. Handlers keep their buffers on the heap
+/// or in guest memory, so half a MiB is ample; and a stack smaller than a
+/// 2 MiB huge page can never be backed by one (on hosts whose transparent
+/// huge pages are set to `always`, a 2 MiB aligned default-sized stack
+/// would make 2 MiB resident for a few KiB used).
+pub const WORKER_STACK_BYTES: usize = 512 * 1024;
+
 /// How a worker waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerOptions {
@@ -211,6 +218,7 @@ impl Worker {
         }
         let thread = std::thread::Builder::new()
             .name(name.to_string())
+            .stack_size(WORKER_STACK_BYTES)
             .spawn(move || {
                 let mut events = vec![EpollEvent::default(); 16];
                 let mut window = PollWindow::new(options.poll_us);

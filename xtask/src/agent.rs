@@ -393,6 +393,37 @@ fn profiling(l2_cmdline: &str) -> bool {
     l2_cmdline.split_whitespace().any(|w| w == "vmkit.dmesg")
 }
 
+/// Prints the VMM's mappings with at least 256 KiB resident, with their
+/// transparent-huge-page share (profiling runs): where the memory beyond
+/// guest RAM goes, and whether guest RAM got huge pages.
+fn print_resident_mappings(pid: libc::pid_t) {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return;
+    };
+    let mut header = "";
+    let mut rss = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            header = line;
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            rss = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("AnonHugePages:") {
+            if rss >= 256 {
+                println!(
+                    "lab-agent: rss {rss:7} kB, anon huge {:>8} | {header}",
+                    rest.trim()
+                );
+            }
+        }
+    }
+}
+
 /// Prints the CPU time of each of the VMM's threads (profiling runs): in
 /// L1's single CPU, whatever the VMM's own threads use is taken from L2.
 fn print_thread_times(pid: libc::pid_t) {
@@ -607,6 +638,9 @@ fn run_once(
                                     if profiling(l2_cmdline) {
                                         print_thread_times(pid);
                                     }
+                                }
+                                if name == "done" && profiling(l2_cmdline) {
+                                    print_resident_mappings(pid);
                                 }
                                 if name == "blk-dd" && status == CheckStatus::Ok {
                                     result.blk_dd_mib_s = dd_throughput(&text);
