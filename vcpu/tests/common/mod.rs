@@ -272,3 +272,12 @@ pub fn blank_vm(config: VmConfig) -> (Vm, Vcpu) {
     let vcpu = vm.create_vcpu(0).unwrap();
     (vm, vcpu)
 }
+
+/// Prints the one-line summary of an oracle test:
+/// `oracle: NAME cases=N agree=N host-unrunnable=N`, where `cases` are
+/// the cases compared with the oracle, `agree` those where vmkit and the
+/// oracle agreed, and `host_unrunnable` the cases generated (or planned)
+/// that this host cannot run, reported rather than silently dropped.
+pub fn oracle_summary(name: &str, cases: usize, agree: usize, host_unrunnable: usize) {
+    eprintln!("oracle: {name} cases={cases} agree={agree} host-unrunnable={host_unrunnable}");
+}

@@ -93,11 +93,6 @@ impl DescList {
         self.len
     }
 
-    /// Whether the list is empty.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn as_slice(&self) -> &[Descriptor] {
         if self.heap.is_empty() {
             self.inline.get(..self.len).unwrap_or(&[])

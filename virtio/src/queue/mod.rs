@@ -17,11 +17,12 @@
 
 mod chain;
 mod packed;
+mod split;
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
-use virtio_bindings::bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmkit_devices::state::{StateError, StateReader, StateWriter};
@@ -164,6 +165,9 @@ enum Ring {
     Split {
         queue: virtio_queue::Queue,
         avail: GuestAddress,
+        /// The available index last read from the ring (see
+        /// [`split::pop`]).
+        seen_avail: u16,
     },
     Packed(PackedRing),
 }
@@ -245,6 +249,7 @@ impl Queue {
                 Ring::Split {
                     queue: q,
                     avail: GuestAddress(config.driver),
+                    seen_avail: 0,
                 }
             }
             RingFormat::Packed => {
@@ -296,18 +301,12 @@ impl Queue {
     /// Takes the next available chain, `Ok(None)` when there is none.
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>, QueueError> {
         let index = self.index;
-        let size = self.size;
         match &mut self.ring {
-            Ring::Split { queue, .. } => {
-                let mut iter = queue.iter(mem).map_err(|source| QueueError::Ring {
-                    queue: index,
-                    source,
-                })?;
-                let Some(chain) = iter.next() else {
-                    return Ok(None);
-                };
-                collect_split(index, size, chain).map(Some)
-            }
+            Ring::Split {
+                queue,
+                avail,
+                seen_avail,
+            } => split::pop(index, queue, *avail, seen_avail, mem),
             Ring::Packed(ring) => ring.pop(index, mem),
         }
     }
@@ -386,7 +385,7 @@ impl Queue {
         let index = self.index;
         let event_idx = self.event_idx;
         match &mut self.ring {
-            Ring::Split { queue, avail } => {
+            Ring::Split { queue, avail, .. } => {
                 let needed = queue
                     .needs_notification(mem)
                     .map_err(|source| QueueError::Ring {
@@ -551,9 +550,12 @@ impl Queue {
             })?;
         state.check(index, q.size, format)?;
         match &mut q.ring {
-            Ring::Split { queue, .. } => {
+            Ring::Split {
+                queue, seen_avail, ..
+            } => {
                 queue.set_next_avail(state.next_avail);
                 queue.set_next_used(state.next_used);
+                *seen_avail = state.next_avail;
             }
             Ring::Packed(ring) => ring.set_progress((
                 state.next_avail,
@@ -565,60 +567,6 @@ impl Queue {
         }
         Ok(q)
     }
-}
-
-fn collect_split(
-    queue: u16,
-    size: u16,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-) -> Result<DescChain, QueueError> {
-    let head = chain.head_index();
-    let mut descs = DescList::new();
-    let mut total: u32 = 0;
-    let mut seen_write = false;
-    let mut last_has_next = false;
-    // `virtio-queue` ends the iteration silently when a chain loops, names
-    // a descriptor past the table, nests indirect tables or cannot be read.
-    // A chain that ended properly ends in a descriptor without NEXT; one cut
-    // short does not (or yielded nothing at all).
-    for d in chain {
-        if descs.len() >= usize::from(size) {
-            return Err(QueueError::ChainTooLong {
-                queue,
-                head,
-                max: size,
-            });
-        }
-        total = total
-            .checked_add(d.len())
-            .ok_or(QueueError::ChainTooBig { queue, head })?;
-        let writable = d.flags() & VRING_DESC_F_WRITE as u16 != 0;
-        if seen_write && !writable {
-            return Err(QueueError::ReadAfterWrite { queue, head });
-        }
-        seen_write |= writable;
-        last_has_next = d.has_next();
-        descs.push(Descriptor {
-            addr: d.addr(),
-            len: d.len(),
-            writable,
-        });
-    }
-    if descs.is_empty() || last_has_next {
-        return Err(QueueError::BrokenChain {
-            queue,
-            head,
-            reason: if descs.is_empty() {
-                "no descriptor could be read"
-            } else {
-                "chain ends early (loop, index out of range, nested indirect table or unreadable descriptor)"
-            },
-        });
-    }
-    Ok(DescChain {
-        token: ChainToken { id: head, slots: 1 },
-        descs,
-    })
 }
 
 /// Wrapping helper for the event-index rule shared by both formats: does
