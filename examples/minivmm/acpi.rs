@@ -2,12 +2,17 @@
 //!
 //! The platform is "hardware-reduced" ACPI (no PM timer, no SCI, no GPE
 //! blocks), as in Firecracker and Cloud Hypervisor; the legacy PC devices
-//! (8259 PICs, COM1, i8042, CMOS RTC) are still there and described.
+//! (8259 PICs, COM1, CMOS RTC) are still there and described. The i8042 is
+//! there only for its reset line (Linux's reboot writes its command port
+//! whether or not it found a controller), so it is not described: with no
+//! PS/2 device in the DSDT and the 8042 flag clear in the FADT, Linux skips
+//! probing a keyboard nobody can type on, as on QEMU's microvm.
 //! Debian's kernels build virtio-mmio as a module without command-line
 //! device support, so the DSDT is the only way they find virtio-mmio
 //! devices: each one is a `LNRO0005` device with its registers and its
 //! interrupt. With PCI, the DSDT has the host bridge (`PNP0A08`) with its
-//! windows and INTx routing, and the MCFG announces ECAM.
+//! windows and INTx routing, and the MCFG announces ECAM, the only way to
+//! configuration space (see [`crate::platform`]).
 //!
 //! `acpi_tables` (rust-vmm) writes the fixed tables and the AML; the MADT is
 //! assembled here because that crate's MADT lacks x86 interrupt source
@@ -49,6 +54,9 @@ pub struct MmioDevice {
     /// Its GSI (level-triggered, active high).
     pub gsi: u32,
 }
+
+/// Length of the ECAM area of one bus (32 devices x 8 functions x 4 KiB).
+const ECAM_LEN: u64 = 1 << 20;
 
 /// The PCI host bridge for the DSDT and MCFG.
 #[derive(Debug, Clone, Copy)]
@@ -150,19 +158,6 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
     )
     .to_aml_bytes(&mut body);
 
-    let kbd_data = aml::IO::new(0x60, 0x60, 1, 1);
-    let kbd_cmd = aml::IO::new(0x64, 0x64, 1, 1);
-    let kbd_irq = aml::Interrupt::new(true, true, false, false, 1);
-    let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
-    aml::Device::new(
-        "_SB_.PS2K".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
-            &aml::Name::new("_CRS".into(), &kbd_crs),
-        ],
-    )
-    .to_aml_bytes(&mut body);
-
     let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
     let rtc_irq = aml::Interrupt::new(true, true, false, false, 8);
     let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
@@ -197,7 +192,6 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
     // The PCI host bridge.
     if let Some(pci) = &platform.pci {
         let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
-        let cfg = aml::IO::new(0xcf8, 0xcf8, 1, 8);
         let io = aml::AddressSpace::new_io(pci.io.0 as u16, (pci.io.0 + pci.io.1 - 1) as u16, None);
         let mem32 = aml::AddressSpace::new_memory(
             aml::AddressSpaceCacheable::NotCacheable,
@@ -213,7 +207,7 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
             pci.mem64.0 + pci.mem64.1 - 1,
             None,
         );
-        let crs = aml::ResourceTemplate::new(vec![&bus, &cfg, &io, &mem32, &mem64]);
+        let crs = aml::ResourceTemplate::new(vec![&bus, &io, &mem32, &mem64]);
         // _PRT: (device << 16 | 0xFFFF, pin 0 = INTA, source 0, GSI).
         let entries: Vec<(u32, u32)> = (0..32u32)
             .map(|d| {
@@ -239,6 +233,21 @@ fn dsdt(platform: &Platform) -> Vec<u8> {
                 &aml::Name::new("_BBN".into(), &aml::ZERO),
                 &aml::Name::new("_CRS".into(), &crs),
                 &aml::Name::new("_PRT".into(), &prt),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+
+        // ECAM as a motherboard resource: without the 0xCF8 ports, Linux
+        // accepts the MCFG's area only when ACPI reserves it this way
+        // (its e820 check needs type-1 access to run).
+        let ecam = aml::Memory32Fixed::new(true, pci.ecam as u32, ECAM_LEN as u32);
+        let ecam_crs = aml::ResourceTemplate::new(vec![&ecam]);
+        aml::Device::new(
+            "_SB_.MRES".into(),
+            vec![
+                &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+                &aml::Name::new("_UID".into(), &aml::ZERO),
+                &aml::Name::new("_CRS".into(), &ecam_crs),
             ],
         )
         .to_aml_bytes(&mut body);
@@ -321,5 +330,9 @@ mod tests {
         );
         // The virtio-mmio device's _HID string is in the AML.
         assert!(d.windows(8).any(|w| w == b"LNRO0005"));
+        // No PS/2 controller is described; the ECAM area is a motherboard
+        // resource (EISA ids compress to 4 bytes: PNP0303, PNP0C02).
+        assert!(!d.windows(4).any(|w| w == [0x41, 0xd0, 0x03, 0x03]));
+        assert!(d.windows(4).any(|w| w == [0x41, 0xd0, 0x0c, 0x02]));
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! minivmm --kernel vmlinux --initrd initrd.cpio --memory 256M --cpus 2 \
-//!         --disk disk.img --rng --transport mmio
+//!         --disk disk.img --rng --transport mmio --snapshot vm.snap
+//! kill -USR1 <pid>          # writes vm.snap and exits
+//! minivmm --restore vm.snap --memory 256M --cpus 2 --disk disk.img --rng \
+//!         --transport mmio   # continues the guest where it stopped
 //! ```
 //!
 //! The platform is a minimal PC: KVM's in-kernel LAPICs, I/O APIC, PICs and
@@ -18,8 +21,9 @@
 //!
 //! The modules: [`boot`] loads the kernel and its boot information,
 //! [`acpi`] writes the ACPI tables, [`mptable`] the MP table, [`platform`] assembles memory, devices
-//! and vCPUs, [`terminal`] puts the host terminal into raw mode and restores
-//! it.
+//! and vCPUs, [`snapshot`] saves and restores the whole machine,
+//! [`terminal`] puts the host terminal into raw mode and restores it (and
+//! catches the signals minivmm reacts to).
 
 // Built a second time as the `minivmm-units` test target, where `main` and
 // what only it reaches are unused.
@@ -29,6 +33,7 @@ mod acpi;
 mod boot;
 mod mptable;
 mod platform;
+mod snapshot;
 mod terminal;
 
 use std::path::PathBuf;
@@ -69,6 +74,9 @@ pub enum Error {
     /// The guest stopped in a way that is not a reboot or power-off.
     #[error("guest: {0}")]
     Guest(String),
+    /// Taking, writing, reading or restoring a snapshot.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// Which virtio transport carries the devices.
@@ -76,7 +84,7 @@ pub enum Error {
 pub enum Transport {
     /// virtio-mmio, described in the ACPI DSDT.
     Mmio,
-    /// virtio-pci on the PCI host bridge (ports 0xCF8/0xCFC and ECAM).
+    /// virtio-pci on the PCI host bridge (configuration space through ECAM).
     Pci,
 }
 
@@ -195,10 +203,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 #[command(version, about = "A small VMM built from vmkit: boots a Linux kernel")]
 pub struct Args {
     /// The kernel: an ELF vmlinux (booted through its PVH entry if it has
-    /// one) or a bzImage.
-    #[arg(long)]
-    pub kernel: PathBuf,
-    /// An initramfs.
+    /// one) or a bzImage. Not needed (and not loaded) with --restore.
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// An initramfs (not loaded with --restore).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     /// The kernel command line (minivmm adds nothing to it).
@@ -237,6 +245,16 @@ pub struct Args {
     /// cannot virtualise XCR0).
     #[arg(long)]
     pub no_xsave: bool,
+    /// On SIGUSR1: pause the guest, write a full snapshot of it to PATH
+    /// (atomically: a temporary file renamed into place) and exit with
+    /// status 0.
+    #[arg(long, value_name = "PATH")]
+    pub snapshot: Option<PathBuf>,
+    /// Continue the guest saved in PATH instead of booting a kernel. The
+    /// machine arguments (--memory, --cpus, --transport, --console, the
+    /// virtio devices) must be the ones the snapshot was taken with.
+    #[arg(long, value_name = "PATH")]
+    pub restore: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

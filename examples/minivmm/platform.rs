@@ -17,25 +17,22 @@
 //! devices on GSIs 16.. (level, active high, re-raised on EOI while the
 //! device still asserts them — KVM's irqfd resample).
 
-use std::io::Read;
+use std::io::{ErrorKind, Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmkit_devices::interrupt::{InterruptLine, MsiVectors};
-use vmkit_devices::pci::{
-    PciAddress, PciRoot, PciWindows, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, DEVICES_PER_BUS,
-    ECAM_BUS_SIZE,
-};
+use vmkit_devices::pci::{PciAddress, PciRoot, PciWindows, DEVICES_PER_BUS, ECAM_BUS_SIZE};
 use vmkit_devices::{BootTimer, IoBus, Rtc, Serial, I8042};
 use vmkit_memory::layout::{Backing, E820Kind, LayoutError, MemoryOptions};
 use vmkit_memory::MemoryLayout;
 use vmkit_vcpu::kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vmkit_vcpu::{
-    CpuidConfig, IrqLine, ResampleWorker, StopReason, SystemEvent, Vcpu, VcpuHandle, Vm, VmConfig,
+    pause_all, CpuidConfig, IrqLine, ResampleWorker, StopReason, SystemEvent, Vcpu, VcpuHandle, Vm,
+    VmConfig,
 };
 use vmkit_virtio::devices::{
     Block, BlockOptions, Console, ConsoleBackend, ConsoleOptions, FdConsole, Net, NetOptions, Rng,
@@ -49,6 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::{self, MmioDevice, PciHost, Platform};
 use crate::boot;
 use crate::mptable;
+use crate::snapshot::{self, Devices, VirtioSlot};
 use crate::terminal::{self, RawMode};
 use crate::{Args, ConsoleKind, Error, Transport, VconsoleArg};
 
@@ -119,11 +117,12 @@ const VCPU_STACK_BYTES: usize = 1024 * 1024;
 
 /// One vCPU thread: runs until the guest resets or powers off, a stop is
 /// requested, or something fails; reports terminal events on `events`.
+/// Hands the vCPU back when it ends (for a snapshot).
 fn vcpu_thread(
     mut vcpu: Vcpu,
     bus: Arc<IoBus>,
     events: mpsc::Sender<Event>,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<JoinHandle<Vcpu>> {
     let name = format!("vcpu{}", vcpu.id());
     std::thread::Builder::new()
         .name(name)
@@ -131,7 +130,7 @@ fn vcpu_thread(
         .spawn(move || loop {
             let event = match vcpu.run(&*bus) {
                 Ok(StopReason::Kicked | StopReason::Interrupted | StopReason::Hlt) => continue,
-                Ok(StopReason::Stopped) => return,
+                Ok(StopReason::Stopped) => return vcpu,
                 Ok(StopReason::Reset) => Event::Reboot("the i8042 reset line"),
                 Ok(StopReason::Shutdown(_)) => Event::Reboot("a triple fault"),
                 Ok(StopReason::SystemEvent {
@@ -149,35 +148,57 @@ fn vcpu_thread(
             };
             // The main thread may be gone already; nothing more to do then.
             let _ = events.send(event);
-            return;
+            return vcpu;
         })
 }
 
+/// Whether console input may still reach the UART. Closing it waits for
+/// a push in progress, so that afterwards the UART's receive FIFO changes
+/// only through the guest (a snapshot saves it).
+#[derive(Debug, Default)]
+struct InputGate {
+    closed: Mutex<bool>,
+}
+
+impl InputGate {
+    fn close(&self) {
+        *self.closed.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    /// Pushes what the UART has room for unless closed; None once closed.
+    fn push(&self, serial: &Serial, bytes: &[u8]) -> Option<usize> {
+        let closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        if *closed {
+            return None;
+        }
+        let room = serial.input_space().min(bytes.len());
+        Some(serial.push_input(bytes.get(..room).unwrap_or_default()))
+    }
+}
+
 /// Feeds this process's stdin to the UART, never faster than the guest
-/// drains its FIFO. Ends at EOF; `stop` ends the wait loop.
-fn stdin_to_serial(serial: Arc<Serial>, stop: Arc<AtomicBool>) {
+/// drains its FIFO. Ends at EOF or once `gate` is closed.
+fn stdin_to_serial(serial: Arc<Serial>, gate: Arc<InputGate>) {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .stack_size(VCPU_STACK_BYTES / 4)
         .spawn(move || {
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 64];
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    return;
-                }
-                let mut pending = &buf[..n];
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                let mut pending = buf.get(..n).unwrap_or_default();
                 while !pending.is_empty() {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
+                    match gate.push(&serial, pending) {
+                        None => return,
+                        Some(0) => std::thread::sleep(Duration::from_millis(2)),
+                        Some(taken) => pending = pending.get(taken..).unwrap_or_default(),
                     }
-                    let room = serial.input_space().min(pending.len());
-                    if room == 0 {
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
-                    let taken = serial.push_input(&pending[..room]);
-                    pending = &pending[taken..];
                 }
             }
         });
@@ -261,8 +282,9 @@ fn virtio_devices(args: &Args) -> Result<Vec<NamedDevice>, Error> {
     Ok(devices)
 }
 
-/// Builds the machine from `args`, runs it until the guest reboots or powers
-/// off (exit status 0) or something fails.
+/// Builds the machine from `args` (booting a kernel, or continuing a
+/// snapshot with `--restore`), runs it until the guest reboots or powers
+/// off (exit status 0), a snapshot is taken (0) or something fails.
 pub fn run(args: &Args) -> Result<ExitCode, Error> {
     if args.memory < MIN_MEMORY {
         return Err(Error::Memory(format!(
@@ -270,6 +292,19 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
             args.memory >> 20,
             MIN_MEMORY >> 20
         )));
+    }
+    // A snapshot to continue is read and checked before anything is built.
+    let restore = match &args.restore {
+        Some(path) => {
+            let started = Instant::now();
+            let s = snapshot::read(path, args)?;
+            Some((s, snapshot::ms_since(started)))
+        }
+        None => None,
+    };
+    if args.snapshot.is_some() {
+        // Before any thread exists: they all inherit SIGUSR1 blocked.
+        terminal::catch_snapshot_signal().map_err(Error::Snapshot)?;
     }
     let devices = virtio_devices(args)?;
     let n_devices = devices.len();
@@ -341,16 +376,24 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         mmio: mmio.clone(),
         pci,
     };
-    let rsdp = acpi::write_tables(&memory, &platform)?;
-    mptable::write(&memory, args.cpus)?;
-    let boot = boot::load_kernel(
-        &memory,
-        &layout,
-        &args.kernel,
-        args.initrd.as_deref(),
-        &args.cmdline,
-        rsdp,
-    )?;
+    // The firmware tables and the kernel, unless the snapshot's memory
+    // replaces them.
+    let boot = match (&restore, &args.kernel) {
+        (Some(_), _) => None,
+        (None, None) => return Err(Error::Kernel("--kernel is required".into())),
+        (None, Some(kernel)) => {
+            let rsdp = acpi::write_tables(&memory, &platform)?;
+            mptable::write(&memory, args.cpus)?;
+            Some(boot::load_kernel(
+                &memory,
+                &layout,
+                kernel,
+                args.initrd.as_deref(),
+                &args.cmdline,
+                rsdp,
+            )?)
+        }
+    };
 
     // The VM with KVM's interrupt controllers and PIT.
     let vm = Vm::new(
@@ -370,7 +413,11 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         Box::new(std::io::stdout()),
         serial_line as Arc<dyn InterruptLine>,
     ));
-    let insert = |space: &str, base: u64, len: u64, dev| -> Result<(), Error> {
+    let insert = |space: &str,
+                  base: u64,
+                  len: u64,
+                  dev: Arc<dyn vmkit_devices::BusDevice>|
+     -> Result<(), Error> {
         let target = if space == "pio" { &bus.pio } else { &bus.mmio };
         target
             .insert(base, len, dev)
@@ -379,16 +426,13 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
     insert("pio", COM1, 8, serial.clone())?;
     let kbd = vm.edge_irq_line(KBD_GSI).map_err(kvm("i8042 interrupt"))?;
     let aux = vm.edge_irq_line(AUX_GSI).map_err(kvm("i8042 interrupt"))?;
-    insert(
-        "pio",
-        I8042_PORT,
-        5,
-        Arc::new(I8042::new(
-            kbd as Arc<dyn InterruptLine>,
-            aux as Arc<dyn InterruptLine>,
-        )),
-    )?;
-    insert("pio", RTC_PORT, 2, Arc::new(Rtc::new()))?;
+    let i8042 = Arc::new(I8042::new(
+        kbd as Arc<dyn InterruptLine>,
+        aux as Arc<dyn InterruptLine>,
+    ));
+    insert("pio", I8042_PORT, 5, i8042.clone())?;
+    let rtc = Arc::new(Rtc::new());
+    insert("pio", RTC_PORT, 2, rtc.clone())?;
     if args.boot_timer {
         let timer = BootTimer::with_reporter(|t| eprintln!("minivmm: {t}"));
         insert("mmio", BOOT_TIMER_ADDR, 1, Arc::new(timer))?;
@@ -400,6 +444,9 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
     let vm = Arc::new(vm);
     let mut lines: Vec<Arc<IrqLine>> = Vec::new();
     let mut transports: Vec<Arc<dyn Send + Sync>> = Vec::new();
+    // The same transports, for snapshots.
+    let mut slots: Vec<VirtioSlot> = Vec::new();
+    let mut pci_root = None;
     match pci {
         None => {
             for ((name, device), slot) in devices.into_iter().zip(&mmio) {
@@ -426,6 +473,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
                         .map_err(kvm("registering a queue ioeventfd"))?;
                 }
                 insert("mmio", slot.base, mmio::MMIO_SIZE, transport.clone())?;
+                slots.push(VirtioSlot::Mmio(slot.base, transport.clone()));
                 transports.push(transport);
             }
         }
@@ -439,12 +487,11 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
                 },
             )
             .map_err(|e| Error::Device(format!("PCI root complex: {e}")))?;
-            insert(
-                "pio",
-                u64::from(CONFIG_ADDRESS_PORT),
-                CONFIG_IO_LEN,
-                root.config_io_device(),
-            )?;
+            // Configuration space through ECAM only: one exit per access,
+            // where the 0xCF8/0xCFC pair (`root.config_io_device()`) takes
+            // two (address, then data), and Linux prefers that pair when it
+            // answers. Linux finds ECAM through the MCFG and accepts it as
+            // the DSDT reserves it (QEMU's microvm offers PCIe the same way).
             insert("mmio", host.ecam, ECAM_BUS_SIZE, root.ecam_device())?;
             let registrar: Arc<dyn NotifyRegistrar> = Arc::new(KvmNotify(vm.clone()));
             for (i, (name, device)) in devices.into_iter().enumerate() {
@@ -474,12 +521,21 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
                 );
                 root.add_device_at(address, transport.clone())
                     .map_err(|e| Error::Device(format!("{name} at {address}: {e}")))?;
+                slots.push(VirtioSlot::Pci(address, transport.clone()));
                 transports.push(transport);
             }
+            pci_root = Some(root.clone());
             transports.push(root);
         }
     }
     let _resample = ResampleWorker::spawn(lines).map_err(kvm("interrupt resampling"))?;
+    let machine = Devices {
+        serial: serial.clone(),
+        i8042,
+        rtc,
+        virtio: slots,
+        pci_root,
+    };
 
     // vCPUs: the boot CPU starts at the kernel's entry; the others wait for
     // the kernel's INIT/SIPI.
@@ -493,6 +549,11 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         let vcpu = vm
             .create_vcpu(u32::from(id))
             .map_err(kvm("creating a vCPU"))?;
+        let Some(boot) = &boot else {
+            // Restoring: the snapshot sets everything, CPUID included.
+            vcpus.push(vcpu);
+            continue;
+        };
         if id == 0 {
             let mut config = boot.config;
             config.cpuid = cpuid(0);
@@ -509,20 +570,34 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         }
         vcpus.push(vcpu);
     }
+    let start = match (&restore, &boot) {
+        (Some((snap, read_ms)), _) => {
+            let started = Instant::now();
+            let refs: Vec<&Vcpu> = vcpus.iter().collect();
+            snapshot::restore(snap, &vm, &memory, &refs, &machine)?;
+            format!(
+                "restored from {} (read in {read_ms:.1} ms, restored in {:.1} ms)",
+                args.restore.as_deref().unwrap_or(Path::new("?")).display(),
+                snapshot::ms_since(started)
+            )
+        }
+        (None, Some(boot)) => format!("kernel entered by {}", boot.protocol),
+        (None, None) => return Err(Error::Kernel("--kernel is required".into())),
+    };
+    drop(restore);
     eprintln!(
-        "minivmm: {} MiB, {} vCPU(s), {} virtio device(s) on {:?}; kernel entered by {}",
+        "minivmm: {} MiB, {} vCPU(s), {} virtio device(s) on {:?}; {start}",
         args.memory >> 20,
         args.cpus,
         n_devices,
         args.transport,
-        boot.protocol
     );
 
     terminal::catch_signals().map_err(Error::Device)?;
     let raw = RawMode::enter();
-    let stop_input = Arc::new(AtomicBool::new(false));
+    let input = Arc::new(InputGate::default());
     if args.console == ConsoleKind::Serial {
-        stdin_to_serial(serial.clone(), stop_input.clone());
+        stdin_to_serial(serial.clone(), input.clone());
     }
 
     let (tx, rx) = mpsc::channel();
@@ -535,14 +610,21 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         threads.push(thread);
     }
     drop(tx);
+    if args.snapshot.is_some() {
+        // Only this thread takes SIGUSR1 (every other has it blocked).
+        terminal::accept_snapshot_signal().map_err(Error::Snapshot)?;
+    }
 
     // Wait for the end: a vCPU's event, or a signal.
     let outcome = loop {
         if terminal::interrupted() {
             break Err("interrupted".to_string());
         }
+        if terminal::snapshot_requested() {
+            break Ok(None);
+        }
         match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(event) => break Ok(event),
+            Ok(event) => break Ok(Some(event)),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 break Err("every vCPU thread ended without a reason".to_string())
@@ -550,32 +632,99 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         }
     };
 
+    let snapshot_started = Instant::now();
+    let snapshot_to = match (&outcome, &args.snapshot) {
+        (Ok(None), Some(path)) => Some(path),
+        _ => None,
+    };
+    // All parked together first (each completing an exit in flight), so
+    // that no vCPU runs guest code while another is being stopped.
+    let paused = match snapshot_to {
+        Some(_) => pause_all(&handles).map_err(kvm("pausing the vCPUs")),
+        None => Ok(()),
+    };
     for h in &handles {
         // A vCPU that has already returned has nothing to stop.
         let _ = h.stop();
     }
+    let mut stopped = Vec::new();
     for t in threads {
-        let _ = t.join();
+        if let Ok(vcpu) = t.join() {
+            stopped.push(vcpu);
+        }
     }
-    stop_input.store(true, Ordering::Relaxed);
+    input.close();
+    let saved = snapshot_to.map(|path| {
+        paused.and_then(|()| {
+            take_snapshot(path, args, &vm, &stopped, &machine, &rx, snapshot_started)
+        })
+    });
+    drop(stopped);
     // Workers stop and join as the transports go.
+    drop(machine);
     drop(transports);
     drop(raw);
+    // Everything the guest printed is out before the last message.
+    let _ = std::io::stdout().flush();
 
+    if let Some(saved) = saved {
+        let (saved, paused_ms) = saved?;
+        eprintln!(
+            "minivmm: snapshot of {} bytes ({:.1} MiB) written to {} in {:.1} ms (vCPUs paused after {paused_ms:.1} ms); exiting",
+            saved.bytes,
+            saved.bytes as f64 / f64::from(1u32 << 20),
+            args.snapshot.as_deref().unwrap_or(Path::new("?")).display(),
+            snapshot::ms_since(snapshot_started)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     match outcome {
-        Ok(Event::Reboot(how)) => {
+        Ok(None) => Err(Error::Guest(
+            "stopped for a snapshot nobody asked for".into(),
+        )),
+        Ok(Some(Event::Reboot(how))) => {
             eprintln!("minivmm: the guest rebooted ({how}); exiting");
             Ok(ExitCode::SUCCESS)
         }
-        Ok(Event::PowerOff) => {
+        Ok(Some(Event::PowerOff)) => {
             eprintln!("minivmm: the guest powered off");
             Ok(ExitCode::SUCCESS)
         }
-        Ok(Event::Failed(why)) => Err(Error::Guest(why)),
+        Ok(Some(Event::Failed(why))) => Err(Error::Guest(why)),
         Err(why) if why == "interrupted" => {
             eprintln!("minivmm: interrupted; the guest was stopped");
             Ok(ExitCode::from(130))
         }
         Err(why) => Err(Error::Guest(why)),
     }
+}
+
+/// Saves the stopped machine to `path` (see [`snapshot::save`]), unless
+/// the guest ended on its own (reboot, failure) while it was being
+/// stopped: then there is nothing consistent to save.
+fn take_snapshot(
+    path: &Path,
+    args: &Args,
+    vm: &Vm,
+    vcpus: &[Vcpu],
+    machine: &Devices,
+    events: &mpsc::Receiver<Event>,
+    started: Instant,
+) -> Result<(snapshot::Saved, f64), Error> {
+    if let Ok(event) = events.try_recv() {
+        return Err(Error::Snapshot(format!(
+            "the guest ended ({event:?}) while being paused; nothing saved"
+        )));
+    }
+    if vcpus.len() != usize::from(args.cpus) {
+        return Err(Error::Snapshot(format!(
+            "{} of {} vCPU threads came back; nothing saved",
+            vcpus.len(),
+            args.cpus
+        )));
+    }
+    let paused_ms = snapshot::ms_since(started);
+    let refs: Vec<&Vcpu> = vcpus.iter().collect();
+    let saved = snapshot::save(path, args, vm, &refs, machine)?;
+    Ok((saved, paused_ms))
 }

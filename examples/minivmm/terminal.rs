@@ -5,6 +5,12 @@
 //!
 //! "Raw" here keeps ISIG: Ctrl-C still raises SIGINT, which ends minivmm
 //! cleanly, rather than going to the guest.
+//!
+//! With `--snapshot`, SIGUSR1 asks for a snapshot (see
+//! [`catch_snapshot_signal`]). Like SIGINT it only sets a flag, which the
+//! main loop polls. vmkit's vCPU kicks use a real-time signal
+//! (`SIGRTMIN`, [`vmkit_vcpu::handle::kick_signal`]), so the two never
+//! meet.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -15,10 +21,71 @@ use vmm_sys_util::signal::register_signal_handler;
 static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
 /// Set by SIGINT / SIGTERM.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Set by SIGUSR1 (with `--snapshot`).
+static SNAPSHOT_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// The signal that asks for a snapshot.
+pub const SNAPSHOT_SIGNAL: libc::c_int = libc::SIGUSR1;
 
 extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only an atomic store: async-signal-safe.
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_snapshot_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an atomic store: async-signal-safe.
+    SNAPSHOT_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether SIGUSR1 arrived (since [`catch_snapshot_signal`]).
+pub fn snapshot_requested() -> bool {
+    SNAPSHOT_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Blocks (`block`) or unblocks the snapshot signal on the calling thread.
+/// Threads inherit the mask of the thread that creates them.
+fn mask_snapshot_signal(block: bool) -> Result<(), String> {
+    // SAFETY: sigset_t is a plain bit array; all zeroes is a valid value,
+    // which sigemptyset below makes the empty set portably.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: as above; SIGUSR1 is a valid signal number.
+    unsafe { libc::sigaddset(&mut set, SNAPSHOT_SIGNAL) };
+    let how = if block {
+        libc::SIG_BLOCK
+    } else {
+        libc::SIG_UNBLOCK
+    };
+    // SAFETY: reads `set` and changes only the calling thread's mask; the
+    // old mask is not asked for (null).
+    let rc = unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot change the mask of signal {SNAPSHOT_SIGNAL}: {}",
+            std::io::Error::from_raw_os_error(rc)
+        ))
+    }
+}
+
+/// Routes SIGUSR1 to [`snapshot_requested`] and blocks it on the calling
+/// thread, so that every thread created afterwards (vCPUs, device
+/// workers, the console reader) has it blocked too and never sees its
+/// blocking calls interrupted by it; [`accept_snapshot_signal`] then
+/// unblocks it on the thread that polls the flag. A SIGUSR1 sent in
+/// between waits, pending, until then.
+pub fn catch_snapshot_signal() -> Result<(), String> {
+    mask_snapshot_signal(true)?;
+    register_signal_handler(SNAPSHOT_SIGNAL, on_snapshot_signal)
+        .map_err(|e| format!("cannot install a handler for signal {SNAPSHOT_SIGNAL}: {e}"))
+}
+
+/// Unblocks SIGUSR1 on the calling thread (the main loop's): from now on
+/// it is delivered here, and only here.
+pub fn accept_snapshot_signal() -> Result<(), String> {
+    mask_snapshot_signal(false)
 }
 
 /// Whether SIGINT or SIGTERM arrived.

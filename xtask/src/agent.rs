@@ -7,6 +7,12 @@
 //! from just before the VMM starts), collects L2's check markers, kills the
 //! VMM if it overruns its time, checks the disk pattern L2 wrote, and prints
 //! one machine-readable result line for L0.
+//!
+//! A snapshot run (`minivmm:...:snap`) starts minivmm with `--snapshot`;
+//! when L2 reports `snapshot-ready` the agent sends SIGUSR1, waits for
+//! minivmm to write the snapshot and exit 0, starts `minivmm --restore`
+//! with the same machine, types a token line on its serial console and
+//! requires L2 to echo it (then L2 checks its disk and network again).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -15,7 +21,7 @@ use std::net::{Shutdown, TcpListener, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -266,8 +272,44 @@ fn console_client(path: &Path) -> Result<Worker, LabError> {
     })
 }
 
-/// The VMM command line for one run.
-fn vmm_command(entry: &PlanEntry, l2_cmdline: &str, disk: &Path, socket: &Path) -> Command {
+/// minivmm's machine: everything but what to start it from (a kernel or
+/// a snapshot). A restore must give the same.
+fn minivmm_machine(c: &mut Command, entry: &PlanEntry, disk: &Path, socket: &Path) {
+    c.args([
+        "--memory",
+        protocol::L2_MEMORY,
+        "--cpus",
+        &entry.cpus.to_string(),
+    ])
+    .arg("--disk")
+    .arg(disk)
+    .args([
+        "--net",
+        &format!("tap={},mac={}", protocol::TAP_NAME, protocol::GUEST_MAC),
+    ])
+    .args(["--rng", "--console", "serial"])
+    .arg("--vconsole")
+    .arg(format!("socket={}", socket.display()))
+    .args(["--transport", &entry.transport.to_string(), "--boot-timer"]);
+}
+
+/// The command continuing a snapshot run's L2 from `snapshot`.
+fn restore_command(entry: &PlanEntry, disk: &Path, socket: &Path, snapshot: &Path) -> Command {
+    let mut c = Command::new(MINIVMM);
+    c.arg("--restore").arg(snapshot);
+    minivmm_machine(&mut c, entry, disk, socket);
+    c
+}
+
+/// The VMM command line for one run; `snapshot` (minivmm only) is where
+/// SIGUSR1 makes it save L2.
+fn vmm_command(
+    entry: &PlanEntry,
+    l2_cmdline: &str,
+    disk: &Path,
+    socket: &Path,
+    snapshot: Option<&Path>,
+) -> Command {
     match entry.vmm {
         Vmm::Minivmm => {
             let mut c = Command::new(MINIVMM);
@@ -278,23 +320,11 @@ fn vmm_command(entry: &PlanEntry, l2_cmdline: &str, disk: &Path, socket: &Path) 
                 L2_INITRD,
                 "--cmdline",
                 l2_cmdline,
-            ])
-            .args([
-                "--memory",
-                protocol::L2_MEMORY,
-                "--cpus",
-                &entry.cpus.to_string(),
-            ])
-            .arg("--disk")
-            .arg(disk)
-            .args([
-                "--net",
-                &format!("tap={},mac={}", protocol::TAP_NAME, protocol::GUEST_MAC),
-            ])
-            .args(["--rng", "--console", "serial"])
-            .arg("--vconsole")
-            .arg(format!("socket={}", socket.display()))
-            .args(["--transport", &entry.transport.to_string(), "--boot-timer"]);
+            ]);
+            minivmm_machine(&mut c, entry, disk, socket);
+            if let Some(path) = snapshot {
+                c.arg("--snapshot").arg(path);
+            }
             c
         }
         Vmm::Qemu => {
@@ -452,6 +482,63 @@ fn print_thread_times(pid: libc::pid_t) {
     }
 }
 
+/// Prints L1 KVM's counters for the VMM's VM (profiling runs): how many
+/// exits of each kind the guest has taken so far, from debugfs (mounted
+/// here if L1's init did not).
+fn print_kvm_stats(pid: libc::pid_t) {
+    let root = Path::new("/sys/kernel/debug/kvm");
+    if !root.exists() {
+        let _ = std::fs::create_dir_all("/sys/kernel/debug");
+        // SAFETY: the arguments are NUL-terminated literals; mounting
+        // debugfs changes no memory of this process.
+        let rc = unsafe {
+            libc::mount(
+                c"debugfs".as_ptr(),
+                c"/sys/kernel/debug".as_ptr(),
+                c"debugfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            println!("lab-agent: no debugfs: {}", std::io::Error::last_os_error());
+            return;
+        }
+    }
+    let Ok(vms) = std::fs::read_dir(root) else {
+        return;
+    };
+    let prefix = format!("{pid}-");
+    for vm in vms.flatten() {
+        if !vm.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let mut line = String::new();
+        for stat in [
+            "exits",
+            "io_exits",
+            "mmio_exits",
+            "halt_exits",
+            "irq_exits",
+            "irq_window_exits",
+            "signal_exits",
+            "request_irq_exits",
+            "insn_emulation",
+            "pf_taken",
+            "pf_fixed",
+            "hypercalls",
+            "irq_injections",
+            "pages_4k",
+            "pages_2m",
+        ] {
+            if let Ok(v) = std::fs::read_to_string(vm.path().join(stat)) {
+                line.push_str(&format!(" {stat}={}", v.trim()));
+            }
+        }
+        println!("lab-agent: kvm stats{line}");
+    }
+}
+
 /// Prints the kernel log L2 left on its disk (profiling runs).
 fn print_dmesg(disk: &Path) {
     let mut buf = vec![0u8; patterns::DMESG_MAX as usize];
@@ -544,6 +631,143 @@ fn relay(stream: impl Read + Send + 'static, name: &'static str, tx: mpsc::Sende
     });
 }
 
+/// Starts a VMM with its output relayed to `tx` line by line and its exit
+/// reported there; returns its pid and, if `with_stdin`, its stdin (else
+/// it reads nothing).
+fn spawn_vmm(
+    mut cmd: Command,
+    tx: &mpsc::Sender<Event>,
+    with_stdin: bool,
+) -> std::io::Result<(libc::pid_t, Option<ChildStdin>)> {
+    cmd.stdin(if with_stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let pid = child.id() as libc::pid_t;
+    if let Some(out) = child.stdout.take() {
+        relay(out, "L2", tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        relay(err, "L2-stderr", tx.clone());
+    }
+    let stdin = child.stdin.take();
+    let waiter = tx.clone();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = waiter.send(Event::Exit(Instant::now(), status));
+    });
+    Ok((pid, stdin))
+}
+
+/// Where a snapshot run is.
+#[derive(Debug)]
+enum SnapshotPhase {
+    /// L2 has not reported `snapshot-ready` (or this is no snapshot run).
+    Booting,
+    /// SIGUSR1 went to the first VMM at this time.
+    Signalled(Instant),
+    /// The restoring VMM started at `at`; `token` was typed on its
+    /// console, whose pipe stays open until the run ends.
+    Restored {
+        at: Instant,
+        token: String,
+        _stdin: Option<ChildStdin>,
+    },
+    /// The snapshot or the restore failed.
+    Failed,
+}
+
+impl SnapshotPhase {
+    /// Asks the VMM `pid` for its snapshot (once).
+    fn request(self, pid: libc::pid_t) -> Self {
+        let Self::Booting = self else {
+            return self;
+        };
+        // SAFETY: kill() has no memory-safety preconditions; `pid` is our
+        // child, which has just printed a line and was not reaped (its
+        // waiter thread reports the exit, which moves the run on).
+        let rc = unsafe { libc::kill(pid, libc::SIGUSR1) };
+        if rc != 0 {
+            println!(
+                "lab-agent: SIGUSR1 to {pid} failed: {}",
+                std::io::Error::last_os_error()
+            );
+            return Self::Failed;
+        }
+        println!("lab-agent: SIGUSR1 sent to {pid}: snapshot requested");
+        Self::Signalled(Instant::now())
+    }
+
+    /// The restoring VMM started at `at`: types a fresh token line on its
+    /// serial console.
+    fn restored(at: Instant, stdin: Option<ChildStdin>) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let token = format!("restored-{}-{nanos:09}", std::process::id());
+        let mut stdin = stdin;
+        let typed = stdin.as_mut().map(|s| {
+            s.write_all(format!("{token}\n").as_bytes())
+                .and_then(|()| s.flush())
+        });
+        match typed {
+            Some(Ok(())) => println!("lab-agent: typed {token:?} on the restored console"),
+            Some(Err(e)) => println!("lab-agent: typing on the restored console failed: {e}"),
+            None => println!("lab-agent: the restored VMM has no stdin"),
+        }
+        Self::Restored {
+            at,
+            token,
+            _stdin: stdin,
+        }
+    }
+
+    /// Judges L2's `restored-echo` line (arriving at `at`): it must carry
+    /// the typed token; records the restore time.
+    fn echo(&self, at: Instant, line: &str, result: &mut RunResult) -> CheckStatus {
+        let Self::Restored {
+            at: started, token, ..
+        } = self
+        else {
+            return CheckStatus::Fail("echo before any restore".into());
+        };
+        let echoed = echo_detail(line);
+        if echoed == Some(token.as_str()) {
+            result.restore_ms = Some(at.duration_since(*started).as_secs_f64() * 1e3);
+            CheckStatus::Ok
+        } else {
+            CheckStatus::Fail(format!("echoed {echoed:?}, typed {token:?}"))
+        }
+    }
+}
+
+/// The line L2 echoed: what follows `restored-echo ok `.
+fn echo_detail(line: &str) -> Option<&str> {
+    let start = line.find("restored-echo ")?;
+    let rest = line.get(start + "restored-echo ".len()..)?;
+    rest.strip_prefix("ok")
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Whether the snapshotted VMM did its part: exit status 0 and the file
+/// in place.
+fn snapshot_outcome(status: &std::io::Result<ExitStatus>, file: &Path) -> CheckStatus {
+    match status {
+        Err(e) => CheckStatus::Fail(format!("wait: {e}")),
+        Ok(s) if !s.success() => CheckStatus::Fail(format!("VMM exited with {s} on SIGUSR1")),
+        Ok(_) => match std::fs::metadata(file) {
+            Ok(m) if m.len() > 0 => CheckStatus::Ok,
+            Ok(_) => CheckStatus::Fail(format!("{} is empty", file.display())),
+            Err(e) => CheckStatus::Fail(format!("{}: {e}", file.display())),
+        },
+    }
+}
+
 /// Records a check, keeping a failure over a later success.
 fn record(checks: &mut BTreeMap<String, CheckStatus>, name: &str, status: CheckStatus) {
     match checks.get(name) {
@@ -570,6 +794,9 @@ fn run_once(
         full_cycle_ms: None,
         blk_dd_mib_s: None,
         rss_extra_kib: None,
+        snapshot_ms: None,
+        restore_ms: None,
+        snapshot_mib: None,
         checks: BTreeMap::new(),
     };
     let dir = Path::new(WORK_DIR);
@@ -594,37 +821,34 @@ fn run_once(
     let served_before = payloads.count();
 
     // L2's init checks that it sees this many processors.
-    let l2_cmdline = format!("{l2_cmdline} vmkit.cpus={}", entry.cpus);
+    let mut l2_cmdline = format!("{l2_cmdline} vmkit.cpus={}", entry.cpus);
+    let snap_file = dir.join("l2.snap");
+    if entry.snapshot {
+        l2_cmdline.push(' ');
+        l2_cmdline.push_str(protocol::SNAPSHOT_CMDLINE);
+        // A snapshot of an earlier run must not pass for this one's.
+        let _ = std::fs::remove_file(&snap_file);
+    }
     let l2_cmdline = l2_cmdline.as_str();
-    let mut cmd = vmm_command(entry, l2_cmdline, &disk, &socket);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let snapshot_arg = entry.snapshot.then_some(snap_file.as_path());
+    let cmd = vmm_command(entry, l2_cmdline, &disk, &socket, snapshot_arg);
     println!("lab-agent: {entry} run {run}: {cmd:?}");
     let t0 = Instant::now();
     let (tx, rx) = mpsc::channel();
     let mut timed_out = false;
     let mut exit: Option<(Instant, std::io::Result<ExitStatus>)> = None;
-    match cmd.spawn() {
+    match spawn_vmm(cmd, &tx, false) {
         Err(e) => record(
             &mut checks,
             "vmm-exit",
             CheckStatus::Fail(format!("spawn: {e}")),
         ),
-        Ok(mut child) => {
-            let pid = child.id() as libc::pid_t;
-            if let Some(out) = child.stdout.take() {
-                relay(out, "L2", tx.clone());
-            }
-            if let Some(err) = child.stderr.take() {
-                relay(err, "L2-stderr", tx.clone());
-            }
-            let waiter = tx.clone();
-            std::thread::spawn(move || {
-                let status = child.wait();
-                let _ = waiter.send(Event::Exit(Instant::now(), status));
-            });
+        Ok((mut pid, _)) => {
+            // A snapshot run starts a second VMM from this loop: keep a
+            // sender for it until then.
+            let mut spare_tx = entry.snapshot.then(|| tx.clone());
             drop(tx);
+            let mut snap = SnapshotPhase::Booting;
             let mut deadline = t0 + timeout;
             loop {
                 match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
@@ -632,11 +856,12 @@ fn run_once(
                         let ms = at.duration_since(t0).as_secs_f64() * 1e3;
                         println!("{stream} +{ms:9.1}ms | {text}");
                         if stream == "L2" {
-                            if let Some((name, status)) = protocol::parse_check(&text) {
+                            if let Some((name, mut status)) = protocol::parse_check(&text) {
                                 if name == "init-reached" {
                                     result.boot_to_init_ms.get_or_insert(ms);
                                     if profiling(l2_cmdline) {
                                         print_thread_times(pid);
+                                        print_kvm_stats(pid);
                                     }
                                 }
                                 if name == "done" && profiling(l2_cmdline) {
@@ -644,6 +869,12 @@ fn run_once(
                                 }
                                 if name == "blk-dd" && status == CheckStatus::Ok {
                                     result.blk_dd_mib_s = dd_throughput(&text);
+                                }
+                                if name == "snapshot-ready" && entry.snapshot {
+                                    snap = snap.request(pid);
+                                }
+                                if name == "restored-echo" {
+                                    status = snap.echo(at, &text, &mut result);
                                 }
                                 // Sampled at every check, after the I/O each
                                 // one caused: the peak over the run.
@@ -661,7 +892,46 @@ fn run_once(
                             }
                         }
                     }
-                    Ok(Event::Exit(at, status)) => exit = Some((at, status)),
+                    Ok(Event::Exit(at, status)) => {
+                        let SnapshotPhase::Signalled(signalled) = snap else {
+                            // The run's last VMM (or one that ended before
+                            // its snapshot): nothing more to start.
+                            spare_tx = None;
+                            exit = Some((at, status));
+                            continue;
+                        };
+                        let saved = snapshot_outcome(&status, &snap_file);
+                        if let CheckStatus::Ok = saved {
+                            result.snapshot_ms =
+                                Some(at.duration_since(signalled).as_secs_f64() * 1e3);
+                            result.snapshot_mib = std::fs::metadata(&snap_file)
+                                .ok()
+                                .map(|m| m.len() as f64 / f64::from(1u32 << 20));
+                        }
+                        let ok = saved == CheckStatus::Ok;
+                        record(&mut checks, "host-snapshot", saved);
+                        let restored = match (ok, spare_tx.take()) {
+                            (true, Some(tx)) => {
+                                let cmd = restore_command(entry, &disk, &socket, &snap_file);
+                                println!("lab-agent: {entry} run {run}: restoring: {cmd:?}");
+                                let started = Instant::now();
+                                spawn_vmm(cmd, &tx, true).map(|spawned| (started, spawned))
+                            }
+                            _ => Err(std::io::Error::other("no snapshot to restore")),
+                        };
+                        match restored {
+                            Ok((started, (restored_pid, stdin))) => {
+                                pid = restored_pid;
+                                deadline = Instant::now() + timeout;
+                                snap = SnapshotPhase::restored(started, stdin);
+                            }
+                            Err(e) => {
+                                println!("lab-agent: {entry} run {run}: no restore: {e}");
+                                snap = SnapshotPhase::Failed;
+                                exit = Some((at, status));
+                            }
+                        }
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         if timed_out || exit.is_some() {
@@ -670,6 +940,7 @@ fn run_once(
                             break;
                         }
                         timed_out = true;
+                        spare_tx = None;
                         println!(
                             "lab-agent: {entry} run {run}: timed out after {} s; killing the VMM",
                             timeout.as_secs()
@@ -682,6 +953,7 @@ fn run_once(
                     }
                 }
             }
+            drop(snap);
             let status = match &exit {
                 _ if timed_out => {
                     CheckStatus::Fail(format!("timed out after {} s (killed)", timeout.as_secs()))
@@ -698,6 +970,10 @@ fn run_once(
             }
             record(&mut checks, "vmm-exit", status);
         }
+    }
+    if entry.snapshot {
+        // 256 MiB of L1's RAM.
+        let _ = std::fs::remove_file(&snap_file);
     }
     let echoes = console.stop();
     record(
@@ -744,7 +1020,7 @@ fn agent() -> Result<(), LabError> {
     let mut broken = vec![false; plan.entries.len()];
     for run in 1..=plan.runs {
         for (entry, broken) in plan.entries.iter().zip(broken.iter_mut()) {
-            if *broken {
+            if *broken || run > plan.runs_for(entry) {
                 continue;
             }
             let result = run_once(entry, &l2_cmdline, run, timeout, &payloads);
@@ -795,8 +1071,9 @@ mod tests {
             vmm: Vmm::Qemu,
             transport: Transport::Pci,
             cpus: 2,
+            snapshot: false,
         };
-        let a = args(&vmm_command(&pci, protocol::L2_CMDLINE, disk, sock)).join(" ");
+        let a = args(&vmm_command(&pci, protocol::L2_CMDLINE, disk, sock, None)).join(" ");
         assert!(a.contains("microvm,rtc=on,acpi=on,pcie=on"), "{a}");
         assert!(
             a.contains("virtio-blk-pci,drive=disk0") && !a.contains("-device virtio-blk-device"),
@@ -810,7 +1087,7 @@ mod tests {
             transport: Transport::Mmio,
             ..pci
         };
-        let a = args(&vmm_command(&mmio, protocol::L2_CMDLINE, disk, sock)).join(" ");
+        let a = args(&vmm_command(&mmio, protocol::L2_CMDLINE, disk, sock, None)).join(" ");
         assert!(
             a.contains("virtio-net-device,netdev=net0") && !a.contains("pcie=on"),
             "{a}"
@@ -819,7 +1096,7 @@ mod tests {
             vmm: Vmm::Minivmm,
             ..mmio
         };
-        let c = vmm_command(&mini, protocol::L2_CMDLINE, disk, sock);
+        let c = vmm_command(&mini, protocol::L2_CMDLINE, disk, sock, None);
         assert_eq!(c.get_program(), MINIVMM);
         let a = args(&c);
         let expect = [
@@ -847,6 +1124,90 @@ mod tests {
             "--boot-timer",
         ];
         assert_eq!(a, expect);
+
+        // A snapshot run: the same machine, plus where to save; the
+        // restore gives the same machine and no kernel.
+        let snap = Path::new("/tmp/lab/l2.snap");
+        let a = args(&vmm_command(
+            &mini,
+            protocol::L2_CMDLINE,
+            disk,
+            sock,
+            Some(snap),
+        ));
+        assert_eq!(a[..expect.len()], expect);
+        assert_eq!(a[expect.len()..], ["--snapshot", "/tmp/lab/l2.snap"]);
+        let c = restore_command(&mini, disk, sock, snap);
+        assert_eq!(c.get_program(), MINIVMM);
+        let r = args(&c);
+        assert_eq!(r[..2], ["--restore", "/tmp/lab/l2.snap"]);
+        // Everything after --kernel/--initrd/--cmdline and their values.
+        assert_eq!(r[2..], expect[6..]);
+    }
+
+    #[test]
+    fn restored_echo_lines_are_judged_against_the_typed_token() {
+        assert_eq!(
+            echo_detail("VMKIT-CHECK restored-echo ok restored-1-000000042"),
+            Some("restored-1-000000042")
+        );
+        assert_eq!(echo_detail("VMKIT-CHECK restored-echo ok "), None);
+        assert_eq!(echo_detail("VMKIT-CHECK restored-echo fail x"), None);
+        let entry: PlanEntry = "minivmm:mmio:1:snap".parse().unwrap();
+        let mut result = RunResult {
+            entry,
+            run: 1,
+            boot_to_init_ms: None,
+            full_cycle_ms: None,
+            blk_dd_mib_s: None,
+            rss_extra_kib: None,
+            snapshot_ms: None,
+            restore_ms: None,
+            snapshot_mib: None,
+            checks: BTreeMap::new(),
+        };
+        let now = Instant::now();
+        let line = "VMKIT-CHECK restored-echo ok tok";
+        assert!(matches!(
+            SnapshotPhase::Booting.echo(now, line, &mut result),
+            CheckStatus::Fail(_)
+        ));
+        let phase = SnapshotPhase::Restored {
+            at: now,
+            token: "tok".into(),
+            _stdin: None,
+        };
+        let later = now + Duration::from_millis(1500);
+        assert_eq!(phase.echo(later, line, &mut result), CheckStatus::Ok);
+        assert_eq!(result.restore_ms, Some(1500.0));
+        assert!(matches!(
+            phase.echo(later, "VMKIT-CHECK restored-echo ok other", &mut result),
+            CheckStatus::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn a_snapshot_needs_exit_status_zero_and_a_file() {
+        use std::os::unix::process::ExitStatusExt;
+        let path = std::env::temp_dir().join(format!("xtask-agent-snap-{}", std::process::id()));
+        let ok = || Ok(ExitStatus::from_raw(0));
+        assert!(matches!(
+            snapshot_outcome(&ok(), &path),
+            CheckStatus::Fail(_)
+        ));
+        std::fs::write(&path, b"").unwrap();
+        assert!(matches!(
+            snapshot_outcome(&ok(), &path),
+            CheckStatus::Fail(_)
+        ));
+        std::fs::write(&path, b"VMKITSNP").unwrap();
+        assert_eq!(snapshot_outcome(&ok(), &path), CheckStatus::Ok);
+        let failed = Ok(ExitStatus::from_raw(1 << 8));
+        assert!(matches!(
+            snapshot_outcome(&failed, &path),
+            CheckStatus::Fail(_)
+        ));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

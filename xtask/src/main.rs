@@ -18,10 +18,14 @@ usage: cargo xtask lab <subcommand>
   fetch                       download the Debian packages into the lab cache
   build                       extract the kernel, build the L2 and L1 initramfs
   run --vmm qemu|minivmm [--transport mmio|pci] [--cpus N] [--runs N] [--keep]
-                              boot L1, run the L2 checks once (or N times)
+      [--snapshot]            boot L1, run the L2 checks once (or N times);
+                              --snapshot (minivmm): snapshot L2 after its
+                              checks, restore it in a new minivmm, check again
+                              (once, whatever --runs says)
   check                       all checks on both transports, for minivmm (if
                               present) and the QEMU microvm baseline, with a
-                              boot-time comparison
+                              boot-time comparison; plus one minivmm snapshot
+                              run (not compared)
 environment: VMKIT_LAB_CACHE (cache dir, default <workspace>/target/lab-cache),
              VMKIT_LAB_RUNS (runs per configuration for check, default 5),
              VMKIT_LAB_VMMS (VMMs for check, default minivmm,qemu),

@@ -80,6 +80,7 @@ fn render(template: &str, modules: &[Module]) -> String {
             &(patterns::BLK_WRITE_OFFSET / 4096).to_string(),
         )
         .replace("@RNG_BYTES@", "65536")
+        .replace("@SNAPSHOT_CMDLINE@", protocol::SNAPSHOT_CMDLINE)
         .replace("@DD_MIB@", &patterns::DD_MIB.to_string())
         .replace("@DMESG_SEEK@", &(patterns::DMESG_OFFSET / 4096).to_string())
         .replace("@DMESG_MAX@", &(patterns::DMESG_MAX - 1).to_string())
@@ -379,5 +380,17 @@ mod tests {
             );
         }
         assert!(l2.contains("10.0.2.1") && l2.contains("10.0.2.15"));
+        // The snapshot checks the guest reports (the agent adds
+        // host-snapshot), behind the command-line word the agent adds.
+        for check in protocol::SNAPSHOT_CHECKS
+            .iter()
+            .filter(|c| !c.starts_with("host-"))
+        {
+            assert!(
+                l2.contains(&format!("check {check}")),
+                "L2 init never reports {check}"
+            );
+        }
+        assert!(l2.contains(&format!("*\" {} \"*)", protocol::SNAPSHOT_CMDLINE)));
     }
 }

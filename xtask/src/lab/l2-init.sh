@@ -115,6 +115,31 @@ else
     check console fail "no /dev/hvc0"
 fi
 
+# Snapshot run (vmkit.snap=1, added by the agent): on "snapshot-ready" the
+# agent snapshots the VMM and continues L2 in a new VMM process, which gets
+# a line typed on this console. Echoing it shows the restored UART and its
+# interrupt work; then the disk (O_DIRECT: the device, not the page cache)
+# and the network must still answer.
+case " $(cat /proc/cmdline) " in
+*" @SNAPSHOT_CMDLINE@ "*)
+    check snapshot-ready
+    line=""
+    read -t 30 -r line
+    check restored-echo ok "$line"
+    got=$(dd if=/dev/vda bs=4096 count=@BLK_READ_BLOCKS@ iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    if [ "$got" = "$(cat /etc/lab/blk-read.sha256)" ]; then
+        check restored-blk ok
+    else
+        check restored-blk fail "sha256 $got"
+    fi
+    if ping -c 1 -w 5 @HOST_IP@ >/dev/null 2>&1; then
+        check restored-net ok
+    else
+        check restored-net fail "no ping reply from @HOST_IP@"
+    fi
+    ;;
+esac
+
 # Profiling (vmkit.dmesg on the command line, see VMKIT_LAB_L2_APPEND):
 # the kernel log with its own timestamps, left on the disk for the agent
 # (the serial console would take minutes for it).

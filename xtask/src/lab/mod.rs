@@ -209,11 +209,13 @@ struct RunOptions {
     keep: bool,
 }
 
-/// Parses `--vmm qemu|minivmm [--transport mmio|pci] [--cpus N] [--runs N] [--keep]`.
+/// Parses `--vmm qemu|minivmm [--transport mmio|pci] [--cpus N] [--snapshot]
+/// [--runs N] [--keep]`.
 fn parse_run_args(args: &[String]) -> Result<RunOptions, LabError> {
     let mut vmm = None;
     let mut transport = Transport::Mmio;
     let mut cpus = 1u32;
+    let mut snapshot = false;
     let mut runs = 1u32;
     let mut keep = false;
     let mut it = args.iter();
@@ -243,6 +245,7 @@ fn parse_run_args(args: &[String]) -> Result<RunOptions, LabError> {
                     .ok_or_else(|| LabError::Usage(format!("--runs {v}: want 1..=50")))?;
             }
             "--keep" => keep = true,
+            "--snapshot" => snapshot = true,
             other => {
                 return Err(LabError::Usage(format!(
                     "lab run: unknown argument {other}"
@@ -252,11 +255,17 @@ fn parse_run_args(args: &[String]) -> Result<RunOptions, LabError> {
     }
     let vmm =
         vmm.ok_or_else(|| LabError::Usage("lab run: --vmm qemu|minivmm is required".into()))?;
+    if snapshot && vmm != Vmm::Minivmm {
+        return Err(LabError::Usage(
+            "lab run: --snapshot needs --vmm minivmm".into(),
+        ));
+    }
     Ok(RunOptions {
         entry: PlanEntry {
             vmm,
             transport,
             cpus,
+            snapshot,
         },
         runs,
         keep,
@@ -290,5 +299,10 @@ mod tests {
         assert!(parse_run_args(&strings(&["--vmm", "bochs"])).is_err());
         assert!(parse_run_args(&strings(&["--vmm", "qemu", "--cpus", "0"])).is_err());
         assert!(parse_run_args(&strings(&["--vmm", "qemu", "--cpus"])).is_err());
+        assert!(!o.entry.snapshot);
+        let o = parse_run_args(&strings(&["--vmm", "minivmm", "--snapshot"])).unwrap();
+        assert!(o.entry.snapshot);
+        assert_eq!(o.entry.to_string(), "minivmm:mmio:1:snap");
+        assert!(parse_run_args(&strings(&["--vmm", "qemu", "--snapshot"])).is_err());
     }
 }

@@ -36,6 +36,21 @@ pub const HOST_CHECKS: &[&str] = &[
     "host-console-echo",
     "host-net-payload",
 ];
+/// The extra checks of a snapshot run ([`PlanEntry::snapshot`]), guest and
+/// host, in order: L2 announces it is ready (after its normal checks), the
+/// agent's SIGUSR1 makes minivmm write the snapshot and exit 0
+/// (`host-snapshot`), a second minivmm continues L2 from it, L2 echoes the
+/// line the agent typed on the restored serial console (the agent compares
+/// it with what it sent) and checks its disk and network again.
+pub const SNAPSHOT_CHECKS: &[&str] = &[
+    "snapshot-ready",
+    "host-snapshot",
+    "restored-echo",
+    "restored-blk",
+    "restored-net",
+];
+/// The word on L2's kernel command line that asks for a snapshot run.
+pub const SNAPSHOT_CMDLINE: &str = "vmkit.snap=1";
 
 /// The tap device the agent creates in L1 for L2's network card.
 pub const TAP_NAME: &str = "vmkit0";
@@ -122,11 +137,19 @@ pub struct PlanEntry {
     pub transport: Transport,
     /// L2's vCPU count.
     pub cpus: u32,
+    /// A snapshot run (minivmm only): after its checks L2 is snapshotted,
+    /// continued in a new minivmm process, and checked again
+    /// ([`SNAPSHOT_CHECKS`]). Written `vmm:transport:cpus:snap`.
+    pub snapshot: bool,
 }
 
 impl fmt::Display for PlanEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.vmm, self.transport, self.cpus)
+        write!(f, "{}:{}:{}", self.vmm, self.transport, self.cpus)?;
+        if self.snapshot {
+            f.write_str(":snap")?;
+        }
+        Ok(())
     }
 }
 
@@ -134,21 +157,47 @@ impl FromStr for PlanEntry {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(':');
-        let (Some(vmm), Some(transport), Some(cpus), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(format!("plan entry {s:?}: want vmm:transport:cpus"));
+        let (Some(vmm), Some(transport), Some(cpus), option, None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(format!("plan entry {s:?}: want vmm:transport:cpus[:snap]"));
         };
         let cpus = cpus
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=8).contains(n))
             .ok_or_else(|| format!("plan entry {s:?}: cpus must be 1..=8"))?;
+        let snapshot = match option {
+            None => false,
+            Some("snap") => true,
+            Some(other) => {
+                return Err(format!(
+                    "plan entry {s:?}: unknown option {other:?} (want snap)"
+                ))
+            }
+        };
+        let vmm: Vmm = vmm.parse()?;
+        if snapshot && vmm != Vmm::Minivmm {
+            return Err(format!("plan entry {s:?}: snapshot runs are minivmm only"));
+        }
         Ok(PlanEntry {
-            vmm: vmm.parse()?,
+            vmm,
             transport: transport.parse()?,
             cpus,
+            snapshot,
         })
+    }
+}
+
+impl PlanEntry {
+    /// Every check a run of this entry must pass.
+    pub fn required_checks(&self) -> impl Iterator<Item = &'static str> {
+        let extra: &[&str] = if self.snapshot { SNAPSHOT_CHECKS } else { &[] };
+        GUEST_CHECKS.iter().chain(HOST_CHECKS).chain(extra).copied()
     }
 }
 
@@ -181,6 +230,17 @@ impl Plan {
             words.push_str(&self.l2_append.join(","));
         }
         words
+    }
+
+    /// How many runs `entry` gets: [`Plan::runs`], except a snapshot run,
+    /// which is a check rather than a measurement and runs once (it costs
+    /// a whole extra boot).
+    pub fn runs_for(&self, entry: &PlanEntry) -> u32 {
+        if entry.snapshot {
+            self.runs.min(1)
+        } else {
+            self.runs
+        }
     }
 
     /// L2's kernel command line: [`L2_CMDLINE`] plus [`Plan::l2_append`].
@@ -278,6 +338,14 @@ pub struct RunResult {
     pub blk_dd_mib_s: Option<f64>,
     /// The VMM's peak resident memory beyond guest RAM, KiB.
     pub rss_extra_kib: Option<f64>,
+    /// Snapshot runs: milliseconds from SIGUSR1 to the VMM's exit, the
+    /// snapshot written.
+    pub snapshot_ms: Option<f64>,
+    /// Snapshot runs: milliseconds from starting the restoring VMM to L2's
+    /// echo of the line typed on its console.
+    pub restore_ms: Option<f64>,
+    /// Snapshot runs: the snapshot file's size, MiB.
+    pub snapshot_mib: Option<f64>,
     /// Every check, guest and host, with its status.
     pub checks: BTreeMap<String, CheckStatus>,
 }
@@ -285,10 +353,9 @@ pub struct RunResult {
 impl RunResult {
     /// The checks that are missing or not `ok` (empty when the run passed).
     pub fn failures(&self) -> Vec<String> {
-        GUEST_CHECKS
-            .iter()
-            .chain(HOST_CHECKS)
-            .filter_map(|name| match self.checks.get(*name) {
+        self.entry
+            .required_checks()
+            .filter_map(|name| match self.checks.get(name) {
                 Some(CheckStatus::Ok) => None,
                 Some(CheckStatus::Fail(reason)) => Some(format!("{name}: {reason}")),
                 None => Some(format!("{name}: missing")),
@@ -308,8 +375,18 @@ impl RunResult {
             })
             .collect();
         let failures = self.failures();
+        let snapshot = if self.entry.snapshot {
+            format!(
+                " snapshot_ms={} restore_ms={} snapshot_mib={}",
+                ms(self.snapshot_ms),
+                ms(self.restore_ms),
+                ms(self.snapshot_mib)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "{RESULT_PREFIX}entry={} run={} status={} boot_to_init_ms={} full_cycle_ms={} blk_dd_mib_s={} rss_extra_kib={} checks={} failures={}",
+            "{RESULT_PREFIX}entry={} run={} status={} boot_to_init_ms={} full_cycle_ms={} blk_dd_mib_s={} rss_extra_kib={}{snapshot} checks={} failures={}",
             self.entry,
             self.run,
             if failures.is_empty() { "pass" } else { "fail" },
@@ -333,6 +410,7 @@ impl RunResult {
         let mut cycle = None;
         let mut dd = None;
         let mut rss = None;
+        let (mut snap, mut restore, mut snap_mib) = (None, None, None);
         let mut checks = BTreeMap::new();
         for word in rest.split(' ') {
             let Some((key, value)) = word.split_once('=') else {
@@ -345,6 +423,9 @@ impl RunResult {
                 "full_cycle_ms" => cycle = value.parse().ok(),
                 "blk_dd_mib_s" => dd = value.parse().ok(),
                 "rss_extra_kib" => rss = value.parse().ok(),
+                "snapshot_ms" => snap = value.parse().ok(),
+                "restore_ms" => restore = value.parse().ok(),
+                "snapshot_mib" => snap_mib = value.parse().ok(),
                 "checks" => {
                     for item in value.split(',').filter(|s| !s.is_empty()) {
                         let (name, status) = item.split_once(':')?;
@@ -366,6 +447,9 @@ impl RunResult {
             full_cycle_ms: cycle,
             blk_dd_mib_s: dd,
             rss_extra_kib: rss,
+            snapshot_ms: snap,
+            restore_ms: restore,
+            snapshot_mib: snap_mib,
             checks,
         })
     }
@@ -401,11 +485,19 @@ mod tests {
                     vmm: Vmm::Qemu,
                     transport: Transport::Mmio,
                     cpus: 1,
+                    snapshot: false,
                 },
                 PlanEntry {
                     vmm: Vmm::Minivmm,
                     transport: Transport::Pci,
                     cpus: 2,
+                    snapshot: false,
+                },
+                PlanEntry {
+                    vmm: Vmm::Minivmm,
+                    transport: Transport::Mmio,
+                    cpus: 1,
+                    snapshot: true,
                 },
             ],
             runs: 3,
@@ -426,6 +518,12 @@ mod tests {
         assert!(Plan::from_cmdline("vmkit.plan=qemu:mmio:9").is_err());
         assert!(Plan::from_cmdline("vmkit.plan=qemu:isa:1").is_err());
         assert!(Plan::from_cmdline("vmkit.plan=qemu:mmio:1 vmkit.runs=0").is_err());
+        assert!(cmdline.contains("minivmm:mmio:1:snap"), "{cmdline}");
+        assert_eq!(plan.runs_for(&plan.entries[1]), 3);
+        assert_eq!(plan.runs_for(&plan.entries[2]), 1);
+        assert!(Plan::from_cmdline("vmkit.plan=minivmm:mmio:1:snapshot").is_err());
+        assert!(Plan::from_cmdline("vmkit.plan=qemu:mmio:1:snap").is_err());
+        assert!(Plan::from_cmdline("vmkit.plan=minivmm:mmio:1:snap:x").is_err());
     }
 
     #[test]
@@ -460,6 +558,7 @@ mod tests {
             vmm: Vmm::Qemu,
             transport: Transport::Pci,
             cpus: 1,
+            snapshot: false,
         };
         let mut result = RunResult {
             entry,
@@ -468,6 +567,9 @@ mod tests {
             full_cycle_ms: Some(4321.0),
             blk_dd_mib_s: Some(87.5),
             rss_extra_kib: None,
+            snapshot_ms: None,
+            restore_ms: None,
+            snapshot_mib: None,
             checks,
         };
         assert!(result.failures().is_empty());
@@ -486,5 +588,55 @@ mod tests {
         assert_eq!(failures.len(), 2, "{failures:?}");
         assert!(failures.iter().any(|f| f.starts_with("net: missing")));
         assert!(failures.iter().any(|f| f.starts_with("rng: ")));
+    }
+
+    #[test]
+    fn snapshot_runs_need_their_checks_and_carry_their_timings() {
+        let entry: PlanEntry = "minivmm:mmio:1:snap".parse().unwrap();
+        assert!(entry.snapshot);
+        let mut checks: BTreeMap<String, CheckStatus> = GUEST_CHECKS
+            .iter()
+            .chain(HOST_CHECKS)
+            .map(|n| (n.to_string(), CheckStatus::Ok))
+            .collect();
+        let mut result = RunResult {
+            entry,
+            run: 1,
+            boot_to_init_ms: Some(900.0),
+            full_cycle_ms: Some(9000.0),
+            blk_dd_mib_s: None,
+            rss_extra_kib: None,
+            snapshot_ms: Some(812.5),
+            restore_ms: Some(1500.5),
+            snapshot_mib: Some(256.1),
+            checks: checks.clone(),
+        };
+        // The normal checks alone do not pass a snapshot run.
+        assert_eq!(result.failures().len(), SNAPSHOT_CHECKS.len());
+        for name in SNAPSHOT_CHECKS {
+            checks.insert(name.to_string(), CheckStatus::Ok);
+        }
+        result.checks = checks;
+        assert!(result.failures().is_empty());
+        let line = result.to_line();
+        assert!(
+            line.contains("entry=minivmm:mmio:1:snap ")
+                && line.contains(" snapshot_ms=812.5 restore_ms=1500.5 snapshot_mib=256.1 "),
+            "{line}"
+        );
+        let back = RunResult::from_line(&line).unwrap();
+        assert_eq!(back.entry, entry);
+        assert_eq!(back.snapshot_ms, Some(812.5));
+        assert_eq!(back.snapshot_mib, Some(256.1));
+        assert!(back.failures().is_empty());
+        // Ordinary runs keep their line as it was.
+        let plain = RunResult {
+            entry: PlanEntry {
+                snapshot: false,
+                ..entry
+            },
+            ..result
+        };
+        assert!(!plain.to_line().contains("snapshot_ms"));
     }
 }

@@ -129,9 +129,19 @@ fn boot_l1(artifacts: &Artifacts, plan: &Plan, keep: bool) -> Result<L1Report, L
         }
     });
 
-    let runs_total = plan.entries.len() as u64 * u64::from(plan.runs);
+    let runs_total: u64 = plan
+        .entries
+        .iter()
+        .map(|e| u64::from(plan.runs_for(e)))
+        .sum();
+    // A snapshot run starts two VMMs, each with its own timeout.
+    let vmm_starts: u64 = plan
+        .entries
+        .iter()
+        .map(|e| u64::from(plan.runs_for(e)) * if e.snapshot { 2 } else { 1 })
+        .sum();
     let budget =
-        Duration::from_secs(L1_BOOT_SECS + runs_total * (u64::from(plan.timeout_secs) + 15));
+        Duration::from_secs(L1_BOOT_SECS + vmm_starts * (u64::from(plan.timeout_secs) + 15));
     let mut report = L1Report::default();
     let mut done_at: Option<Instant> = None;
     loop {
@@ -205,7 +215,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 fn verify(plan: &Plan, results: &[RunResult]) -> Vec<String> {
     let mut problems = Vec::new();
     for entry in &plan.entries {
-        for run in 1..=plan.runs {
+        for run in 1..=plan.runs_for(entry) {
             match results.iter().find(|r| r.entry == *entry && r.run == run) {
                 None => problems.push(format!("{entry} run {run}: no result")),
                 Some(r) => problems.extend(
@@ -257,9 +267,30 @@ pub fn run(
     };
     let report = boot_l1(artifacts, &plan, keep)?;
     print_l1(&report);
-    for r in &report.results {
+    print_results(&report.results);
+    let problems = verify(&plan, &report.results);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Run(problems.join("; ")))
+    }
+}
+
+/// One summary line per run.
+fn print_results(results: &[RunResult]) {
+    for r in results {
+        let snapshot = if r.entry.snapshot {
+            format!(
+                ", snapshot {} ms ({} MiB), restore to echo {} ms",
+                fmt_ms(r.snapshot_ms),
+                fmt_ms(r.snapshot_mib),
+                fmt_ms(r.restore_ms)
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "lab: {} run {}: boot_to_init {} ms, full cycle {} ms, blk dd {} MiB/s, RSS beyond guest RAM {} KiB, {}",
+            "lab: {} run {}: boot_to_init {} ms, full cycle {} ms, blk dd {} MiB/s, RSS beyond guest RAM {} KiB{snapshot}, {}",
             r.entry,
             r.run,
             fmt_ms(r.boot_to_init_ms),
@@ -273,12 +304,6 @@ pub fn run(
             }
         );
     }
-    let problems = verify(&plan, &report.results);
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(LabError::Run(problems.join("; ")))
-    }
 }
 
 /// Reads one timing out of a run result.
@@ -290,7 +315,7 @@ fn compare_lines(results: &[RunResult], transport: Option<Transport>) -> Vec<Str
         median(
             results
                 .iter()
-                .filter(|r| r.entry.vmm == vmm && r.entry.cpus == 1)
+                .filter(|r| r.entry.vmm == vmm && r.entry.cpus == 1 && !r.entry.snapshot)
                 .filter(|r| transport.is_none_or(|t| r.entry.transport == t))
                 .filter_map(f)
                 .collect(),
@@ -347,6 +372,7 @@ pub fn check(artifacts: &Artifacts, runs: u32, vmms: &[Vmm]) -> Result<(), LabEr
                 vmm: *vmm,
                 transport,
                 cpus: 1,
+                snapshot: false,
             });
         }
     }
@@ -357,6 +383,15 @@ pub fn check(artifacts: &Artifacts, runs: u32, vmms: &[Vmm]) -> Result<(), LabEr
             vmm: Vmm::Minivmm,
             transport: Transport::Pci,
             cpus: 2,
+            snapshot: false,
+        });
+        // Snapshot a running L2 and continue it in a new process (one run
+        // is enough: it adds a boot's worth of time); not compared either.
+        entries.push(PlanEntry {
+            vmm: Vmm::Minivmm,
+            transport: Transport::Mmio,
+            cpus: 1,
+            snapshot: true,
         });
     }
     if !vmms.contains(&Vmm::Minivmm) {
@@ -370,6 +405,7 @@ pub fn check(artifacts: &Artifacts, runs: u32, vmms: &[Vmm]) -> Result<(), LabEr
     };
     let report = boot_l1(artifacts, &plan, false)?;
     print_l1(&report);
+    print_results(&report.results);
     for transport in [Transport::Mmio, Transport::Pci] {
         for line in compare_lines(&report.results, Some(transport)) {
             println!("{line}");
@@ -414,12 +450,16 @@ mod tests {
                 vmm,
                 transport,
                 cpus: 1,
+                snapshot: false,
             },
             run,
             boot_to_init_ms: Some(boot),
             full_cycle_ms: Some(boot * 2.0),
             blk_dd_mib_s: Some(100_000.0 / boot),
             rss_extra_kib: Some(boot),
+            snapshot_ms: None,
+            restore_ms: None,
+            snapshot_mib: None,
             checks,
         }
     }
@@ -448,6 +488,7 @@ mod tests {
             vmm: Vmm::Qemu,
             transport: Transport::Mmio,
             cpus: 1,
+            snapshot: false,
         };
         let plan = Plan {
             entries: vec![q],
@@ -482,8 +523,19 @@ mod tests {
                     vmm: Vmm::Minivmm,
                     transport: Transport::Mmio,
                     cpus: 2,
+                    snapshot: false,
                 },
                 ..result(Vmm::Minivmm, Transport::Mmio, 2, 9000.0, true)
+            },
+            // So is a snapshot run.
+            RunResult {
+                entry: PlanEntry {
+                    vmm: Vmm::Minivmm,
+                    transport: Transport::Mmio,
+                    cpus: 1,
+                    snapshot: true,
+                },
+                ..result(Vmm::Minivmm, Transport::Mmio, 3, 7000.0, true)
             },
         ];
         let lines = compare_lines(&results, None);
