@@ -480,19 +480,15 @@ fn map_huge_aligned<R: vm_memory::bitmap::Bitmap>(
         return map();
     }
     let mut misplaced = Vec::new();
-    for _ in 1..ALIGN_ATTEMPTS {
+    loop {
         let hole = AlignedHole::new(size);
         let region = map()?;
         drop(hole);
-        if (region.as_ptr() as usize) % HUGE_PAGE == 0 {
+        if (region.as_ptr() as usize) % HUGE_PAGE == 0 || misplaced.len() + 1 >= ALIGN_ATTEMPTS {
             return Ok(region);
         }
         misplaced.push(region);
     }
-    let hole = AlignedHole::new(size);
-    let region = map();
-    drop(hole);
-    region
 }
 
 /// Reserved (`PROT_NONE`) address space around a free hole of exactly
