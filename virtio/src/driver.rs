@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_mmio::*;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmkit_devices::pci::{
     PciAddress, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_MEMORY_SPACE,
     STATUS_CAPABILITIES_LIST,
@@ -728,8 +728,11 @@ struct DriverQueue {
     /// Split: free descriptor indices; packed: free buffer IDs.
     free: Vec<u16>,
     /// Split: descriptors of each in-flight head; packed: ring slots of
-    /// each in-flight buffer ID.
-    inflight: HashMap<u16, Vec<u16>>,
+    /// each in-flight buffer ID. Indexed by head / ID (`size` entries);
+    /// empty when not in flight (a chain has at least one descriptor).
+    /// The vectors keep their capacity, so a steady stream of requests
+    /// allocates nothing.
+    inflight: Vec<Vec<u16>>,
     /// Split: our avail idx; packed: next ring slot.
     next_avail: u16,
     avail_wrap: bool,
@@ -749,6 +752,8 @@ pub struct Driver<T> {
     alloc_next: u64,
     queues: Vec<Option<DriverQueue>>,
     features: u64,
+    /// Reused by [`Driver::submit`] for the chain it builds.
+    scratch: Vec<(u64, u32, u16)>,
 }
 
 /// A descriptor as hostile tests write it.
@@ -787,6 +792,7 @@ impl<T: DriverTransport> Driver<T> {
             alloc_next: heap,
             queues: Vec::new(),
             features: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -801,6 +807,7 @@ impl<T: DriverTransport> Driver<T> {
             alloc_next: self.alloc_next,
             queues: self.queues,
             features: self.features,
+            scratch: self.scratch,
         }
     }
 
@@ -896,7 +903,7 @@ impl<T: DriverTransport> Driver<T> {
                 driver,
                 device,
                 free,
-                inflight: HashMap::new(),
+                inflight: vec![Vec::new(); usize::from(size)],
                 next_avail: 0,
                 avail_wrap: true,
                 last_used: 0,
@@ -935,16 +942,21 @@ impl<T: DriverTransport> Driver<T> {
         readable: &[Buf],
         writable: &[Buf],
     ) -> Result<u16, DriverError> {
-        let descs: Vec<(u64, u32, u16)> = readable
-            .iter()
-            .map(|&(a, l)| (a, l, 0))
-            .chain(writable.iter().map(|&(a, l)| (a, l, F_WRITE)))
-            .collect();
-        let format = self.queue(q)?.format;
-        match format {
-            RingFormat::Split => self.submit_split(q, &descs),
-            RingFormat::Packed => self.submit_packed(q, &descs),
-        }
+        let mut descs = std::mem::take(&mut self.scratch);
+        descs.clear();
+        descs.extend(
+            readable
+                .iter()
+                .map(|&(a, l)| (a, l, 0))
+                .chain(writable.iter().map(|&(a, l)| (a, l, F_WRITE))),
+        );
+        let r = match self.queue(q).map(|dq| dq.format) {
+            Ok(RingFormat::Split) => self.submit_split(q, &descs),
+            Ok(RingFormat::Packed) => self.submit_packed(q, &descs),
+            Err(e) => Err(e),
+        };
+        self.scratch = descs;
+        r
     }
 
     /// Submits a chain through one indirect descriptor table.
@@ -984,19 +996,29 @@ impl<T: DriverTransport> Driver<T> {
     }
 
     fn submit_split(&mut self, q: u16, descs: &[(u64, u32, u16)]) -> Result<u16, DriverError> {
-        let mem = self.mem.clone();
-        let dq = self.queue(q)?;
+        let Self { mem, queues, .. } = self;
+        let dq = queues
+            .get_mut(usize::from(q))
+            .and_then(Option::as_mut)
+            .ok_or(DriverError::NoQueue(q))?;
         if descs.is_empty() || dq.free.len() < descs.len() {
             return Err(DriverError::Full(q));
         }
-        let idx: Vec<u16> = (0..descs.len()).filter_map(|_| dq.free.pop()).collect();
+        let Some(&head) = dq.free.last() else {
+            return Err(DriverError::Full(q));
+        };
+        // The head's list is empty (the head was free); fill it in place,
+        // reusing its capacity.
+        let mut idx = std::mem::take(&mut dq.inflight[usize::from(head)]);
+        idx.clear();
+        idx.extend((0..descs.len()).filter_map(|_| dq.free.pop()));
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let (next, nf) = match idx.get(i + 1) {
                 Some(&n) => (n, F_NEXT),
                 None => (0, 0),
             };
             write_split(
-                &mem,
+                mem,
                 dq.desc + 16 * u64::from(idx[i]),
                 addr,
                 len,
@@ -1004,10 +1026,9 @@ impl<T: DriverTransport> Driver<T> {
                 next,
             )?;
         }
-        let head = idx[0];
-        dq.inflight.insert(head, idx);
+        dq.inflight[usize::from(head)] = idx;
         let slot = dq.driver + 4 + 2 * u64::from(dq.next_avail % dq.size);
-        mem.write_obj(head.to_le(), GuestAddress(slot))?;
+        write_bytes(mem, slot, &head.to_le_bytes())?;
         dq.next_avail = dq.next_avail.wrapping_add(1);
         mem.store(
             dq.next_avail.to_le(),
@@ -1025,7 +1046,8 @@ impl<T: DriverTransport> Driver<T> {
             return Err(DriverError::Full(q));
         }
         let id = dq.free.pop().ok_or(DriverError::Full(q))?;
-        let mut slots = Vec::new();
+        let mut slots = std::mem::take(&mut dq.inflight[usize::from(id)]);
+        slots.clear();
         let mut head_flags = 0;
         let head = dq.next_avail;
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
@@ -1057,7 +1079,7 @@ impl<T: DriverTransport> Driver<T> {
             }
         }
         dq.slots_in_use += n;
-        dq.inflight.insert(id, slots);
+        dq.inflight[usize::from(id)] = slots;
         mem.store(
             head_flags.to_le(),
             GuestAddress(dq.desc + 16 * u64::from(head) + 14),
@@ -1073,8 +1095,11 @@ impl<T: DriverTransport> Driver<T> {
 
     /// Takes the next used buffer of queue `q`, if any: `(id, len)`.
     pub fn used(&mut self, q: u16) -> Result<Option<(u16, u32)>, DriverError> {
-        let mem = self.mem.clone();
-        let dq = self.queue(q)?;
+        let Self { mem, queues, .. } = self;
+        let dq = queues
+            .get_mut(usize::from(q))
+            .and_then(Option::as_mut)
+            .ok_or(DriverError::NoQueue(q))?;
         match dq.format {
             RingFormat::Split => {
                 let idx: u16 = mem
@@ -1084,19 +1109,23 @@ impl<T: DriverTransport> Driver<T> {
                     return Ok(None);
                 }
                 let at = dq.device + 4 + 8 * u64::from(dq.last_used % dq.size);
-                let id: u32 = mem.read_obj(GuestAddress(at))?;
-                let len: u32 = mem.read_obj(GuestAddress(at + 4))?;
+                let mut elem = [0u8; 8];
+                read_bytes(mem, at, &mut elem)?;
+                let [i0, i1, i2, i3, l0, l1, l2, l3] = elem;
+                let id = u32::from_le_bytes([i0, i1, i2, i3]);
+                let len = u32::from_le_bytes([l0, l1, l2, l3]);
                 dq.last_used = dq.last_used.wrapping_add(1);
-                let id = u32::from_le(id) as u16;
-                if let Some(descs) = dq.inflight.remove(&id) {
-                    dq.free.extend(descs);
+                let id = id as u16;
+                if let Some(descs) = dq.inflight.get_mut(usize::from(id)) {
+                    dq.free.append(descs);
                 }
                 // Ask for an interrupt on every used buffer.
-                mem.write_obj(
-                    dq.last_used.to_le(),
-                    GuestAddress(dq.driver + 4 + 2 * u64::from(dq.size)),
+                write_bytes(
+                    mem,
+                    dq.driver + 4 + 2 * u64::from(dq.size),
+                    &dq.last_used.to_le_bytes(),
                 )?;
-                Ok(Some((id, u32::from_le(len))))
+                Ok(Some((id, len)))
             }
             RingFormat::Packed => {
                 let at = dq.desc + 16 * u64::from(dq.last_used);
@@ -1109,7 +1138,14 @@ impl<T: DriverTransport> Driver<T> {
                 }
                 let len = u32::from_le(mem.read_obj(GuestAddress(at + 8))?);
                 let id = u16::from_le(mem.read_obj(GuestAddress(at + 12))?);
-                let n = dq.inflight.remove(&id).map_or(1, |s| s.len() as u16);
+                let n = match dq.inflight.get_mut(usize::from(id)) {
+                    Some(s) if !s.is_empty() => {
+                        let n = s.len() as u16;
+                        s.clear();
+                        n
+                    }
+                    _ => 1,
+                };
                 dq.free.push(id);
                 dq.slots_in_use = dq.slots_in_use.saturating_sub(n);
                 let next = u32::from(dq.last_used) + u32::from(n);
@@ -1129,16 +1165,22 @@ impl<T: DriverTransport> Driver<T> {
     pub fn wait_used(&mut self, q: u16, timeout: Duration) -> Result<(u16, u32), DriverError> {
         let start = Instant::now();
         let mut polls = 0u32;
+        let mut waited = Duration::ZERO;
         loop {
             if let Some(u) = self.used(q)? {
                 return Ok(u);
             }
-            if self.transport.status()? & status::DEVICE_NEEDS_RESET != 0 {
-                return Err(DriverError::NeedsReset);
-            }
-            let waited = start.elapsed();
-            if waited > timeout {
-                return Err(DriverError::Timeout(q));
+            // A register read and a clock read cost more than a look at
+            // the ring: while spinning, check them on every 16th miss (the
+            // first included), every time once spinning is over.
+            if polls % 16 == 0 || polls >= 1000 {
+                if self.transport.status()? & status::DEVICE_NEEDS_RESET != 0 {
+                    return Err(DriverError::NeedsReset);
+                }
+                waited = start.elapsed();
+                if waited > timeout {
+                    return Err(DriverError::Timeout(q));
+                }
             }
             // Spin briefly (a device worker usually answers within
             // microseconds), then yield, then sleep.
@@ -1223,7 +1265,30 @@ fn write_split(
     b[8..12].copy_from_slice(&len.to_le_bytes());
     b[12..14].copy_from_slice(&flags.to_le_bytes());
     b[14..16].copy_from_slice(&next.to_le_bytes());
-    mem.write_slice(&b, GuestAddress(at))?;
+    write_bytes(mem, at, &b)
+}
+
+/// Writes `b` at `at`: one bounds-checked copy into the region holding it
+/// (the common case), or through the memory map when it straddles
+/// regions.
+fn write_bytes(mem: &GuestMemoryMmap, at: u64, b: &[u8]) -> Result<(), DriverError> {
+    match mem.get_slice(GuestAddress(at), b.len()) {
+        Ok(s) => s
+            .write_slice(b, 0)
+            .map_err(vm_memory::GuestMemoryError::from)?,
+        Err(_) => mem.write_slice(b, GuestAddress(at))?,
+    }
+    Ok(())
+}
+
+/// Reads `b.len()` bytes at `at` (as [`write_bytes`]).
+fn read_bytes(mem: &GuestMemoryMmap, at: u64, b: &mut [u8]) -> Result<(), DriverError> {
+    match mem.get_slice(GuestAddress(at), b.len()) {
+        Ok(s) => s
+            .read_slice(b, 0)
+            .map_err(vm_memory::GuestMemoryError::from)?,
+        Err(_) => mem.read_slice(b, GuestAddress(at))?,
+    }
     Ok(())
 }
 
@@ -1241,6 +1306,5 @@ fn write_packed(
     b[8..12].copy_from_slice(&len.to_le_bytes());
     b[12..14].copy_from_slice(&id.to_le_bytes());
     b[14..16].copy_from_slice(&flags.to_le_bytes());
-    mem.write_slice(&b, GuestAddress(at))?;
-    Ok(())
+    write_bytes(mem, at, &b)
 }

@@ -496,8 +496,18 @@ where
     .map(|(o, _)| o)
 }
 
+/// Most completions a drain leaves unpublished: the used index is stored
+/// when the ring runs empty, when the drain ends, and at least once per
+/// this many chains, so that a driver that keeps the ring full still sees
+/// completions flow (Linux's vhost batches used entries by 64 too).
+const PUBLISH_MAX: usize = 64;
+
 /// [`drain_queue`] for any [`ChainHandler`], with a choice of what happens
 /// to notifications; also returns how many chains were used.
+///
+/// Completions are written with [`Queue::push_used`] and published in
+/// batches (see `PUBLISH_MAX`); the interrupt decision is made once, after
+/// the last publication, for everything the drain used.
 fn drain<H: ChainHandler + ?Sized>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -506,19 +516,44 @@ fn drain<H: ChainHandler + ?Sized>(
     notify: Notify,
     scratch: &mut Scratch,
 ) -> Result<(DrainOutcome, usize), QueueError> {
+    let mut done = 0usize;
+    let result = drain_batches(queue, mem, handler, notify, scratch, &mut done);
+    scratch.chains.clear();
+    // Whatever happened, the chains already completed are published (an
+    // error ends the queue's life, but the driver may still reap them).
+    let published = queue.publish_used(mem);
+    let outcome = result?;
+    published?;
+    if done > 0 && queue.needs_notification(mem)? {
+        interrupt.signal_queue(queue.index());
+    }
+    Ok((outcome, done))
+}
+
+/// The loop of [`drain`]: pops, handles and completes chains until the
+/// ring is empty, the budget is spent or the handler is blocked, counting
+/// the chains used in `done`.
+fn drain_batches<H: ChainHandler + ?Sized>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    handler: &mut H,
+    notify: Notify,
+    scratch: &mut Scratch,
+    done: &mut usize,
+) -> Result<DrainOutcome, QueueError> {
     let budget = usize::from(queue.size()) * DRAIN_LAPS;
     let batch = handler.batch().max(1);
-    let mut done = 0usize;
+    let mut unpublished = 0usize;
     let mut suppress = notify.suppress;
     let outcome = loop {
         if suppress {
             queue.disable_notification(mem)?;
         }
         let mut blocked = false;
-        while done < budget && !blocked {
+        while *done < budget && !blocked {
             scratch.chains.clear();
             scratch.done.clear();
-            let want = batch.min(budget - done);
+            let want = batch.min(budget - *done);
             while scratch.chains.len() < want {
                 match queue.pop(mem)? {
                     Some(c) => scratch.chains.push(c),
@@ -526,6 +561,10 @@ fn drain<H: ChainHandler + ?Sized>(
                 }
             }
             if scratch.chains.is_empty() {
+                // The ring looks empty: let the driver see what was done
+                // before anything waits for more.
+                queue.publish_used(mem)?;
+                unpublished = 0;
                 break;
             }
             handler.handle(&scratch.chains, &mut scratch.done);
@@ -539,10 +578,15 @@ fn drain<H: ChainHandler + ?Sized>(
                 .min(scratch.chains.len());
             for (chain, c) in scratch.chains.iter().zip(&scratch.done).take(finished) {
                 if let Completion::Used(len) = c {
-                    queue.add_used(mem, chain.token(), *len)?;
+                    queue.push_used(mem, chain.token(), *len)?;
                 }
             }
-            done += finished;
+            *done += finished;
+            unpublished += finished;
+            if unpublished >= PUBLISH_MAX {
+                queue.publish_used(mem)?;
+                unpublished = 0;
+            }
             if let Some(rest) = scratch.chains.get(finished..) {
                 for chain in rest.iter().rev() {
                     queue.undo_pop(chain.token());
@@ -554,7 +598,7 @@ fn drain<H: ChainHandler + ?Sized>(
             queue.enable_notification(mem)?;
             break DrainOutcome::Blocked;
         }
-        if done >= budget {
+        if *done >= budget {
             break DrainOutcome::Budget;
         }
         if !notify.rearm || !queue.enable_notification(mem)? {
@@ -563,11 +607,7 @@ fn drain<H: ChainHandler + ?Sized>(
         // Chains came while re-enabling: suppress again and go on.
         suppress = true;
     };
-    scratch.chains.clear();
-    if done > 0 && queue.needs_notification(mem)? {
-        interrupt.signal_queue(queue.index());
-    }
-    Ok((outcome, done))
+    Ok(outcome)
 }
 
 /// One queue as a worker serves it: the ring, its notification eventfd,

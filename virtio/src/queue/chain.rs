@@ -200,6 +200,28 @@ fn mem_err(e: vm_memory::GuestMemoryError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
+/// Fills `buf` from guest memory at `addr`: one bounds-checked copy out of
+/// the region holding it (the usual case: a header or a status byte), or
+/// through the memory map when the range straddles regions.
+fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &mut [u8]) -> io::Result<()> {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(s) => s
+            .read_slice(buf, 0)
+            .map_err(|e| mem_err(vm_memory::GuestMemoryError::from(e))),
+        Err(_) => mem.read_slice(buf, addr).map_err(mem_err),
+    }
+}
+
+/// Writes `buf` into guest memory at `addr` (as [`read_guest`]).
+fn write_guest(mem: &GuestMemoryMmap, addr: GuestAddress, buf: &[u8]) -> io::Result<()> {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(s) => s
+            .write_slice(buf, 0)
+            .map_err(|e| mem_err(vm_memory::GuestMemoryError::from(e))),
+        Err(_) => mem.write_slice(buf, addr).map_err(mem_err),
+    }
+}
+
 fn total_len(descs: &[Descriptor]) -> usize {
     let t: u64 = descs.iter().map(|d| u64::from(d.len)).sum();
     usize::try_from(t).unwrap_or(usize::MAX)
@@ -344,9 +366,7 @@ impl<'a> ChainReader<'a> {
             let (addr, n) = self
                 .step(buf.len() - pos)
                 .ok_or_else(|| short("descriptor chain too short"))?;
-            self.mem
-                .read_slice(&mut buf[pos..pos + n], addr)
-                .map_err(mem_err)?;
+            read_guest(self.mem, addr, &mut buf[pos..pos + n])?;
             self.consume(n);
             pos += n;
         }
@@ -561,9 +581,7 @@ impl<'a> ChainWriter<'a> {
             let (addr, n) = self
                 .step(buf.len() - pos)
                 .ok_or_else(|| short("descriptor chain too short"))?;
-            self.mem
-                .write_slice(&buf[pos..pos + n], addr)
-                .map_err(mem_err)?;
+            write_guest(self.mem, addr, &buf[pos..pos + n])?;
             self.consume(n);
             pos += n;
         }

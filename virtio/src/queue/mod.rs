@@ -6,31 +6,42 @@
 //! and the negotiated ring format and returns a [`Queue`] that a device
 //! pops chains from and returns them to:
 //!
-//! - **split** rings (virtio 1.2, 2.7) are rust-vmm's `virtio-queue`
-//!   implementation, wrapped so that a broken chain becomes a typed error
-//!   instead of a silently shortened one;
+//! - **split** rings (virtio 1.2, 2.7) are implemented here (module
+//!   `split`), with the checks of rust-vmm's `virtio-queue` made explicit
+//!   so that a broken chain becomes a typed error instead of a silently
+//!   shortened one;
 //! - **packed** rings (virtio 1.2, 2.8, `VIRTIO_F_RING_PACKED`) are
 //!   implemented here, with indirect descriptors and event suppression.
 //!
 //! Both formats support indirect descriptors and `VIRTIO_F_EVENT_IDX`
 //! notification suppression in both directions.
+//!
+//! # Batched completions
+//!
+//! [`Queue::add_used`] returns one chain and makes it visible at once.
+//! A device completing several chains in a row uses [`Queue::push_used`]
+//! for each and [`Queue::publish_used`] (or [`Queue::needs_notification`],
+//! which publishes first) once: on a split ring the used index is then
+//! stored once per batch, so the driver's cache line holding it moves
+//! once, and the interrupt decision covers the whole batch (with
+//! `VIRTIO_F_EVENT_IDX`, the used index before and after it, virtio 1.2,
+//! 2.7.10). A packed ring publishes each used descriptor through its own
+//! flags, so there `push_used` is `add_used`.
 
 mod chain;
 mod packed;
 mod split;
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 
-use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmkit_devices::state::{StateError, StateReader, StateWriter};
 use vmkit_memory::GuestMemoryMmap;
 
 use chain::DescList;
 pub use chain::{ChainReader, ChainToken, ChainWriter, DescChain, Descriptor};
 use packed::PackedRing;
+use split::SplitRing;
 
 /// Largest queue size virtio allows (2^15).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -162,13 +173,7 @@ impl QueueConfig {
 
 #[derive(Debug)]
 enum Ring {
-    Split {
-        queue: virtio_queue::Queue,
-        avail: GuestAddress,
-        /// The available index last read from the ring (see
-        /// [`split::pop`]).
-        seen_avail: u16,
-    },
+    Split(SplitRing),
     Packed(PackedRing),
 }
 
@@ -234,23 +239,13 @@ impl Queue {
                 check_range(mem, config.desc, 16 * n, 16).map_err(&invalid)?;
                 check_range(mem, config.driver, 6 + 2 * n, 2).map_err(&invalid)?;
                 check_range(mem, config.device, 6 + 8 * n, 4).map_err(&invalid)?;
-                let mut q = virtio_queue::Queue::new(config.max_size)
-                    .map_err(|e| invalid(format!("max size {}: {e}", config.max_size)))?;
-                q.try_set_size(size)
-                    .map_err(|e| invalid(format!("size {size}: {e}")))?;
-                q.try_set_desc_table_address(GuestAddress(config.desc))
-                    .map_err(|e| invalid(format!("descriptor table: {e}")))?;
-                q.try_set_avail_ring_address(GuestAddress(config.driver))
-                    .map_err(|e| invalid(format!("available ring: {e}")))?;
-                q.try_set_used_ring_address(GuestAddress(config.device))
-                    .map_err(|e| invalid(format!("used ring: {e}")))?;
-                q.set_event_idx(event_idx);
-                q.set_ready(true);
-                Ring::Split {
-                    queue: q,
-                    avail: GuestAddress(config.driver),
-                    seen_avail: 0,
-                }
+                Ring::Split(SplitRing::new(
+                    size,
+                    GuestAddress(config.desc),
+                    GuestAddress(config.driver),
+                    GuestAddress(config.device),
+                    event_idx,
+                ))
             }
             RingFormat::Packed => {
                 // virtio 1.2, 2.8.10: ring 16-aligned, event structures
@@ -288,7 +283,7 @@ impl Queue {
     /// The ring format.
     pub fn format(&self) -> RingFormat {
         match self.ring {
-            Ring::Split { .. } => RingFormat::Split,
+            Ring::Split(_) => RingFormat::Split,
             Ring::Packed(_) => RingFormat::Packed,
         }
     }
@@ -302,17 +297,31 @@ impl Queue {
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<DescChain>, QueueError> {
         let index = self.index;
         match &mut self.ring {
-            Ring::Split {
-                queue,
-                avail,
-                seen_avail,
-            } => split::pop(index, queue, *avail, seen_avail, mem),
+            Ring::Split(ring) => ring.pop(index, mem),
             Ring::Packed(ring) => ring.pop(index, mem),
         }
     }
 
-    /// Returns a chain to the driver with `len` bytes written into it.
+    /// Returns a chain to the driver with `len` bytes written into it, and
+    /// makes it visible at once ([`Queue::push_used`] then
+    /// [`Queue::publish_used`]).
     pub fn add_used(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        token: ChainToken,
+        len: u32,
+    ) -> Result<(), QueueError> {
+        self.push_used(mem, token, len)?;
+        self.publish_used(mem)
+    }
+
+    /// Returns a chain to the driver with `len` bytes written into it as
+    /// part of a batch: on a split ring the used element is written but
+    /// the driver sees it only after [`Queue::publish_used`] (or
+    /// [`Queue::needs_notification`]); a packed ring publishes it at once.
+    /// A device must publish before it waits for more work or hands the
+    /// queue back, and before [`Queue::state`].
+    pub fn push_used(
         &mut self,
         mem: &GuestMemoryMmap,
         token: ChainToken,
@@ -320,17 +329,20 @@ impl Queue {
     ) -> Result<(), QueueError> {
         let index = self.index;
         match &mut self.ring {
-            Ring::Split { queue, .. } => queue.add_used(mem, token.id, len).map_err(|e| match e {
-                virtio_queue::Error::InvalidDescriptorIndex => QueueError::BadToken {
-                    queue: index,
-                    id: token.id,
-                },
-                source => QueueError::Ring {
-                    queue: index,
-                    source,
-                },
-            }),
+            Ring::Split(ring) => ring.add_used(index, mem, token, len),
             Ring::Packed(ring) => ring.add_used(index, mem, token, len),
+        }
+    }
+
+    /// Makes every chain returned with [`Queue::push_used`] visible to the
+    /// driver: on a split ring one release store of the used index for
+    /// the whole batch; nothing when there is nothing new or on a packed
+    /// ring.
+    pub fn publish_used(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
+        let index = self.index;
+        match &mut self.ring {
+            Ring::Split(ring) => ring.publish_used(index, mem),
+            Ring::Packed(_) => Ok(()),
         }
     }
 
@@ -339,7 +351,7 @@ impl Queue {
     /// found it cannot use the buffer yet.
     pub fn undo_pop(&mut self, token: ChainToken) {
         match &mut self.ring {
-            Ring::Split { queue, .. } => queue.go_to_previous_position(),
+            Ring::Split(ring) => ring.undo_pop(),
             Ring::Packed(ring) => ring.undo_pop(token),
         }
     }
@@ -350,14 +362,7 @@ impl Queue {
     pub fn enable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
         let index = self.index;
         match &mut self.ring {
-            Ring::Split { queue, .. } => {
-                queue
-                    .enable_notification(mem)
-                    .map_err(|source| QueueError::Ring {
-                        queue: index,
-                        source,
-                    })
-            }
+            Ring::Split(ring) => ring.enable_notification(index, mem),
             Ring::Packed(ring) => ring.enable_notification(index, mem),
         }
     }
@@ -367,45 +372,21 @@ impl Queue {
     pub fn disable_notification(&mut self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
         let index = self.index;
         match &mut self.ring {
-            Ring::Split { queue, .. } => {
-                queue
-                    .disable_notification(mem)
-                    .map_err(|source| QueueError::Ring {
-                        queue: index,
-                        source,
-                    })
-            }
+            Ring::Split(ring) => ring.disable_notification(index, mem),
             Ring::Packed(ring) => ring.disable_notification(index, mem),
         }
     }
 
-    /// Whether the driver wants an interrupt for the chains used since the
-    /// last call (event index or the no-interrupt flag).
+    /// Publishes what [`Queue::push_used`] left unpublished, then says
+    /// whether the driver wants an interrupt for the chains used since the
+    /// last call: with `VIRTIO_F_EVENT_IDX`, whether the used index passed
+    /// the driver's event index between its value at the last call and
+    /// now (virtio 1.2, 2.7.10 and 2.8.10); otherwise unless the driver
+    /// set the no-interrupt flag. Call it once per batch.
     pub fn needs_notification(&mut self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
         let index = self.index;
-        let event_idx = self.event_idx;
         match &mut self.ring {
-            Ring::Split { queue, avail, .. } => {
-                let needed = queue
-                    .needs_notification(mem)
-                    .map_err(|source| QueueError::Ring {
-                        queue: index,
-                        source,
-                    })?;
-                if event_idx || !needed {
-                    return Ok(needed);
-                }
-                // virtio-queue does not look at VRING_AVAIL_F_NO_INTERRUPT;
-                // honour it here (virtio 1.2, 2.7.7.2).
-                let flags: u16 = mem
-                    .load(*avail, Ordering::Acquire)
-                    .map(u16::from_le)
-                    .map_err(|source| QueueError::Memory {
-                        queue: index,
-                        source,
-                    })?;
-                Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
-            }
+            Ring::Split(ring) => ring.needs_notification(index, mem),
             Ring::Packed(ring) => ring.needs_notification(index, mem),
         }
     }
@@ -414,7 +395,7 @@ impl Queue {
     /// tests): split `next_avail`, or packed position and wrap counter.
     pub fn next_avail(&self) -> (u16, bool) {
         match &self.ring {
-            Ring::Split { queue, .. } => (queue.next_avail(), false),
+            Ring::Split(ring) => (ring.progress().0, false),
             Ring::Packed(ring) => ring.next_avail(),
         }
     }
@@ -510,10 +491,10 @@ impl Queue {
     /// only between drains).
     pub fn state(&self) -> QueueState {
         match &self.ring {
-            Ring::Split { queue, .. } => QueueState {
-                next_avail: queue.next_avail(),
+            Ring::Split(ring) => QueueState {
+                next_avail: ring.progress().0,
                 avail_wrap: false,
-                next_used: queue.next_used(),
+                next_used: ring.progress().1,
                 used_wrap: false,
                 signalled_used: 0,
             },
@@ -550,13 +531,7 @@ impl Queue {
             })?;
         state.check(index, q.size, format)?;
         match &mut q.ring {
-            Ring::Split {
-                queue, seen_avail, ..
-            } => {
-                queue.set_next_avail(state.next_avail);
-                queue.set_next_used(state.next_used);
-                *seen_avail = state.next_avail;
-            }
+            Ring::Split(ring) => ring.set_progress(state.next_avail, state.next_used),
             Ring::Packed(ring) => ring.set_progress((
                 state.next_avail,
                 state.avail_wrap,
