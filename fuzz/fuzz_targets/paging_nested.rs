@@ -5,15 +5,16 @@
 //! walks write nothing and updating walks only set accessed/dirty bits; and
 //! that a successful walk which changed no memory is reproduced exactly by
 //! a probe re-walk and by a direct stage-2 probe of its guest-physical
-//! address.
+//! address, and (NPT) that every guest entry it read is mapped for a
+//! nested user write.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vmkit_memory::paging::{
     walk_2d, Access, AccessKind, ControlRegs, CpuFeatures, EptCapabilities, EptContext,
-    NestedWalkError, NptContext, NptHost, PagingContext, Privilege, Stage2Access, Stage2Context,
-    Vendor, WalkMode, MAX_AD_RETRIES,
+    NestedWalkError, NptContext, NptHost, PagingContext, PagingMode, Privilege, Stage2Access,
+    Stage2Context, Vendor, WalkMode, MAX_AD_RETRIES,
 };
 use vmkit_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -201,6 +202,27 @@ fuzz_target!(|input: Input| {
                 .expect("stage 2 maps the final guest-physical address");
             assert_eq!(direct.hpa, t.hpa);
             assert_eq!(direct.entries, t.stage2.entries);
+            // Under NPT every guest entry the walk read was a nested user
+            // write (APM §15.25.5): probing it as a guest-table access
+            // succeeds and finds the nested mapping writable. PAE PDPTEs
+            // come from registers, not through stage 2.
+            if matches!(stage2, Stage2Context::Npt(_)) {
+                for e in t.stage1.entries.iter() {
+                    if guest.mode() == PagingMode::Pae && e.level == 3 {
+                        continue;
+                    }
+                    let table = stage2
+                        .translate(
+                            &memory,
+                            e.gpa,
+                            Stage2Access::TableRead,
+                            Some(gla),
+                            WalkMode::Probe,
+                        )
+                        .expect("stage 2 maps every guest entry the walk read");
+                    assert!(table.writable, "guest entry at {:#x}", e.gpa);
+                }
+            }
         }
     }
 });

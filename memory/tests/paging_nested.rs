@@ -572,7 +572,8 @@ fn npt_translates() {
 
 // APM §15.25.6: EXITINFO1 bits, with bit 32 for the final translation and
 // bit 33 for guest page-table accesses; every nested access is a user
-// access.
+// access, and every guest page-table access (reads included) a user write
+// (§15.25.5).
 #[test]
 fn npt_fault_codes() {
     let mem = npt_tables();
@@ -582,7 +583,7 @@ fn npt_fault_codes() {
     assert_eq!(npf(npt_run(&mem, &host(), fetch())), US | 16 | FINAL);
     assert_eq!(
         npf(npt_run(&mem, &host(), Stage2Access::TableRead)),
-        US | TABLE
+        RW | US | TABLE
     );
     assert_eq!(
         npf(npt_run(&mem, &host(), Stage2Access::TableUpdate)),
@@ -593,14 +594,19 @@ fn npt_fault_codes() {
     assert_eq!(npf(npt_run(&mem, &host(), read())), P | US | FINAL);
     assert_eq!(
         npf(npt_run(&mem, &host(), Stage2Access::TableRead)),
-        P | US | TABLE
+        P | RW | US | TABLE
     );
     put(&mem, PDE_AT, PT | P | RW);
     put(&mem, PTE_AT, PAGE | P | RW | US);
     assert_eq!(npf(npt_run(&mem, &host(), read())), P | US | FINAL);
-    // Read-only: guest table reads pass, A/D updates fault.
+    // Read-only: data reads pass; guest table reads and A/D updates are
+    // user writes and fault alike.
     put(&mem, PDE_AT, PT | P | US);
-    assert!(npt_run(&mem, &host(), Stage2Access::TableRead).is_ok());
+    assert!(npt_run(&mem, &host(), read()).is_ok());
+    assert_eq!(
+        npf(npt_run(&mem, &host(), Stage2Access::TableRead)),
+        P | RW | US | TABLE
+    );
     assert_eq!(
         npf(npt_run(&mem, &host(), Stage2Access::TableUpdate)),
         P | RW | US | TABLE
@@ -657,13 +663,18 @@ fn npt_uses_host_features() {
     );
 }
 
-// APM §15.25.5: nested A bits in every entry used, D in the leaf on writes.
+// APM §15.25.5: nested A bits in every entry used, D in the leaf on writes;
+// a guest table read is a write, so it dirties the leaf too.
 #[test]
 fn npt_accessed_dirty() {
     let mem = npt_tables();
-    npt_run(&mem, &host(), Stage2Access::TableRead).unwrap();
+    npt_run(&mem, &host(), read()).unwrap();
     assert_eq!(get(&mem, PML4E_AT), PDPT | P | RW | US | A);
     assert_eq!(get(&mem, PTE_AT), PAGE | P | RW | US | A);
+    npt_run(&mem, &host(), Stage2Access::TableRead).unwrap();
+    assert_eq!(get(&mem, PTE_AT), PAGE | P | RW | US | A | D);
+    assert_eq!(get(&mem, PDE_AT), PT | P | RW | US | A);
+    let mem = npt_tables();
     npt_run(&mem, &host(), Stage2Access::TableUpdate).unwrap();
     assert_eq!(get(&mem, PTE_AT), PAGE | P | RW | US | A | D);
     assert_eq!(get(&mem, PDE_AT), PT | P | RW | US | A);
@@ -1186,7 +1197,8 @@ fn walk_2d_npt_fault_phases() {
         .gpa;
     let old = get(&s.mem, nested_pte);
     put(&s.mem, nested_pte, old & !US);
-    // Even a supervisor guest access faults: the nested access is a user one.
+    // Even a supervisor guest read faults: the nested access is a user
+    // write.
     let f = *walk2(&s, GVA, Access::read(SUP), WalkMode::Probe)
         .unwrap_err()
         .stage2_fault()
@@ -1198,22 +1210,18 @@ fn walk_2d_npt_fault_phases() {
     assert_eq!(
         f.kind,
         Stage2FaultKind::NestedPageFault {
-            error_code: NpfErrorCode::from_bits(P | US | TABLE)
-        }
-    );
-    // Read-only guest page table: reads pass, the A update faults as a write.
-    put(&s.mem, nested_pte, (old | US) & !RW);
-    assert!(walk2(&s, GVA, Access::read(SUP), WalkMode::Probe).is_ok());
-    let f = *walk2(&s, GVA, Access::read(SUP), WalkMode::Update)
-        .unwrap_err()
-        .stage2_fault()
-        .unwrap();
-    assert_eq!(
-        f.kind,
-        Stage2FaultKind::NestedPageFault {
             error_code: NpfErrorCode::from_bits(P | RW | US | TABLE)
         }
     );
+    // Read-only guest page table: reading it is already a write, probe or
+    // not.
+    put(&s.mem, nested_pte, (old | US) & !RW);
+    for mode in [WalkMode::Probe, WalkMode::Update] {
+        assert_eq!(
+            npf_2d(&s, Access::read(SUP), mode),
+            (Stage2Phase::GuestTable, pte, P | RW | US | TABLE)
+        );
+    }
     put(&s.mem, nested_pte, old);
     // Final access: the data page is not executable.
     let data = npt
@@ -1282,8 +1290,9 @@ fn walk_2d_accessed_dirty_in_both_stages() {
             assert_eq!(data & (EA | ED), 0);
         }
     }
-    // NPT: the nested entries of the guest page table get A and D (the guest
-    // A/D updates are writes), the data page's D only on a write.
+    // NPT: the nested entries of the guest page table get A and D (guest
+    // page-table accesses are user writes), the data page's D only on a
+    // write.
     let s = setup(
         TableFormat::Level4,
         PageSize::Size4K,
@@ -1307,6 +1316,179 @@ fn walk_2d_accessed_dirty_in_both_stages() {
     assert_eq!(leaf_of(G_DATA) & (A | D), A);
     walk2(&s, GVA, Access::write(SUP), WalkMode::Update).unwrap();
     assert_eq!(leaf_of(G_DATA) & (A | D), A | D);
+}
+
+/// The guest entries used to translate `GVA` (guest-physical addresses,
+/// PML4E first) and, for each, the address of the nested leaf mapping its
+/// table page, for a 4-level guest over 4 KiB NPT pages.
+fn npt_table_leaves(s: &Setup) -> Vec<(u64, u64)> {
+    let t = walk2(s, GVA, Access::read(SUP), WalkMode::Probe).unwrap();
+    t.stage1
+        .entries
+        .iter()
+        .map(|e| (e.gpa, stage2_leaf(s, e.gpa)))
+        .collect()
+}
+
+/// Address of the stage-2 leaf entry that maps `gpa`.
+fn stage2_leaf(s: &Setup, gpa: u64) -> u64 {
+    s.stage2
+        .translate(&s.mem, gpa, read(), None, WalkMode::Probe)
+        .unwrap()
+        .entries
+        .leaf()
+        .unwrap()
+        .gpa
+}
+
+fn npt_setup() -> Setup {
+    setup(
+        TableFormat::Level4,
+        PageSize::Size4K,
+        Kind::Npt { five: false },
+        PageSize::Size4K,
+    )
+}
+
+/// The #NPF a 2-D walk ends with: (phase, guest-physical address, EXITINFO1).
+fn npf_2d(s: &Setup, access: Access, mode: WalkMode) -> (Stage2Phase, u64, u64) {
+    let f = *walk2(s, GVA | 0x18, access, mode)
+        .unwrap_err()
+        .stage2_fault()
+        .unwrap();
+    let Stage2FaultKind::NestedPageFault { error_code } = f.kind else {
+        panic!("expected #NPF, got {f:?}");
+    };
+    assert_eq!(f.gla, Some(GVA | 0x18));
+    (f.phase, f.gpa, error_code.bits())
+}
+
+// APM §15.25.5: guest page-table accesses are user writes at the nested
+// level. A guest table page mapped read-only in NPT (at any of the four
+// guest levels) faults even a supervisor read with the guest's A bits
+// already set and in a probe walk (so no A/D write is involved):
+// EXITINFO1 = P | W | U | bit 33, at the entry's guest-physical address.
+// The final access keeps its own kind: a read-only data page can be read,
+// and a write to it reports P | W | U | bit 32.
+#[test]
+fn walk_2d_npt_read_only_guest_table_faults_as_user_write() {
+    let s = npt_setup();
+    // Set the guest A bits first.
+    walk2(&s, GVA, Access::read(SUP), WalkMode::Update).unwrap();
+    let leaves = npt_table_leaves(&s);
+    assert_eq!(leaves.len(), 4);
+    for &(entry, leaf) in &leaves {
+        let old = get(&s.mem, leaf);
+        put(&s.mem, leaf, old & !RW);
+        for mode in [WalkMode::Probe, WalkMode::Update] {
+            for access in [
+                Access::read(SUP),
+                Access::fetch(SUP),
+                Access::read(Privilege::User),
+            ] {
+                assert_eq!(
+                    npf_2d(&s, access, mode),
+                    (Stage2Phase::GuestTable, entry, P | RW | US | TABLE),
+                    "{entry:#x} {access:?} {mode:?}"
+                );
+            }
+        }
+        put(&s.mem, leaf, old);
+    }
+    let data = stage2_leaf(&s, G_DATA);
+    put(&s.mem, data, get(&s.mem, data) & !RW);
+    let t = walk2(&s, GVA | 0x18, Access::read(SUP), WalkMode::Update).unwrap();
+    assert_eq!(t.hpa, H_DATA | 0x18);
+    assert!(!t.stage2.writable);
+    assert_eq!(
+        npf_2d(&s, Access::write(SUP), WalkMode::Probe),
+        (Stage2Phase::Final, G_DATA | 0x18, P | RW | US | FINAL)
+    );
+}
+
+// APM §15.25.5: the nested access for a guest table is a user access, so a
+// guest table page whose nested mapping is supervisor-only (U/S clear in
+// the nested leaf, or in a nested entry above it) faults with P | W | U |
+// bit 33, whatever the guest's privilege.
+#[test]
+fn walk_2d_npt_supervisor_guest_table_faults() {
+    let s = npt_setup();
+    let leaves = npt_table_leaves(&s);
+    for &(entry, leaf) in &leaves {
+        let old = get(&s.mem, leaf);
+        put(&s.mem, leaf, old & !US);
+        for access in [Access::read(SUP), Access::write(Privilege::User)] {
+            assert_eq!(
+                npf_2d(&s, access, WalkMode::Probe),
+                (Stage2Phase::GuestTable, entry, P | RW | US | TABLE),
+                "{entry:#x} {access:?}"
+            );
+        }
+        put(&s.mem, leaf, old);
+    }
+    // U/S clear in the nested PDE above the guest table pages' PTEs (the
+    // guest tables share a nested page table): the first guest entry
+    // (PML4E) faults.
+    let (pml4e, _) = leaves[0];
+    let nested = s
+        .stage2
+        .translate(&s.mem, pml4e, read(), None, WalkMode::Probe)
+        .unwrap()
+        .entries;
+    let pde = nested[2];
+    assert_eq!(pde.level, 2);
+    put(&s.mem, pde.gpa, pde.value & !US);
+    assert_eq!(
+        npf_2d(&s, Access::read(SUP), WalkMode::Probe),
+        (Stage2Phase::GuestTable, pml4e, P | RW | US | TABLE)
+    );
+    put(&s.mem, pde.gpa, pde.value);
+    assert!(walk2(&s, GVA, Access::read(SUP), WalkMode::Probe).is_ok());
+}
+
+// APM §15.25.5: a successful updating walk sets A and D in the nested leaf
+// of every guest table page it reads, even when it writes no guest entry
+// (guest A bits already set): reading a guest entry is a nested write. The
+// data page's nested leaf gets A only on a read. A probe walk sets nothing.
+#[test]
+fn walk_2d_npt_sets_nested_dirty_of_guest_table_pages() {
+    let s = npt_setup();
+    walk2(&s, GVA, Access::read(SUP), WalkMode::Update).unwrap();
+    let leaves = npt_table_leaves(&s);
+    let data = stage2_leaf(&s, G_DATA);
+    let clear = || {
+        for &(_, leaf) in &leaves {
+            put(&s.mem, leaf, get(&s.mem, leaf) & !(A | D));
+        }
+        put(&s.mem, data, get(&s.mem, data) & !(A | D));
+    };
+    clear();
+    walk2(&s, GVA, Access::read(SUP), WalkMode::Probe).unwrap();
+    for &(entry, leaf) in &leaves {
+        assert_eq!(get(&s.mem, leaf) & (A | D), 0, "probe, {entry:#x}");
+    }
+    let t = walk2(&s, GVA, Access::read(SUP), WalkMode::Update).unwrap();
+    assert_eq!(t.stats.stage1_writes, 0, "guest A bits were already set");
+    // One nested A/D write per guest table page leaf, one A for the data.
+    assert_eq!(t.stats.stage2_writes, 5);
+    for &(entry, leaf) in &leaves {
+        assert_eq!(get(&s.mem, leaf) & (A | D), A | D, "{entry:#x}");
+    }
+    assert_eq!(get(&s.mem, data) & (A | D), A);
+    // The same through a 5-level guest over 5-level nested tables.
+    let s5 = setup(
+        TableFormat::Level5,
+        PageSize::Size4K,
+        Kind::Npt { five: true },
+        PageSize::Size4K,
+    );
+    let gva = gva_for(TableFormat::Level5, PageSize::Size4K);
+    let t = walk2(&s5, gva, Access::read(SUP), WalkMode::Update).unwrap();
+    assert_eq!(t.stage1.entries.len(), 5);
+    for e in t.stage1.entries.iter() {
+        let leaf = get(&s5.mem, stage2_leaf(&s5, e.gpa));
+        assert_eq!(leaf & (A | D), A | D, "{:#x}", e.gpa);
+    }
 }
 
 // PAE guests under nested paging load their PDPTEs through stage 2, with
@@ -1658,8 +1840,9 @@ mod model {
             }
             Format::Npt { nxe, pages_1g } => {
                 // APM §15.25.6: #PF-style bits, always U/S; bit 32 final,
-                // bit 33 guest page table.
-                let write = matches!(what, Use::Write | Use::TableUpdate);
+                // bit 33 guest page table. §15.25.5: every guest page-table
+                // access (read or A/D update) is a user write.
+                let write = matches!(what, Use::Write | Use::TableRead | Use::TableUpdate);
                 let fetch = what == Use::Fetch;
                 let mut code = 4u64;
                 if write {

@@ -64,106 +64,30 @@
 mod common;
 
 use vmkit_memory::paging::{
-    Access, AccessKind, ControlRegs, CpuFeatures, PageFlags, PageSize, PageTableBuilder,
-    PagingContext, PagingMode, Privilege, TableFormat, Vendor, WalkError, WalkMode,
+    Access, AccessKind, ControlRegs, PageFlags, PageSize, PageTableBuilder, PagingContext,
+    PagingMode, Privilege, TableFormat, WalkError, WalkMode,
 };
 use vmkit_memory::vm_memory::{Bytes, GuestAddress};
-use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
+use vmkit_memory::GuestMemoryMmap;
 use vmkit_vcpu::kvm_bindings::kvm_sregs;
-use vmkit_vcpu::{BootConfig, CpuMode, Vcpu, Vm, VmConfig};
+use vmkit_vcpu::{Vcpu, Vm};
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// True with probability `percent`/100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
+use common::kernel64::{
+    diff_qwords, emit_driver_entry, emit_stubs, enter_kernel, guest_paging, long_mode_vm,
+    new_memory, oracle_seed, preset_accessed, stubs_at, user_stubs, write_descriptor_tables,
+    write_driver_entry, Entry, GuestPaging, Rng, StubWidth, Stubs, GDT, GUEST_DONE,
+    GUEST_UNEXPECTED_VECTOR, KERNEL_CODE, POOL, POOL_END, RAM, USER_CODE, USER_STUBS,
+};
 
 fn seed() -> u64 {
-    std::env::var("VMKIT_ORACLE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x05ee_d0f0_ac1e)
+    oracle_seed(0x05ee_d0f0_ac1e)
 }
 
-/// Paging-related properties of the vCPU, read from the CPUID table vmkit
-/// gave it.
-#[derive(Debug, Clone, Copy)]
-struct Guest {
-    features: CpuFeatures,
-    smep: bool,
-    smap: bool,
-    pku: bool,
-    la57: bool,
-}
-
-fn guest_features(vcpu: &Vcpu) -> Guest {
-    let cpuid = vcpu.cpuid().unwrap();
-    let leaf = |function: u32, index: u32| {
-        cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == function && e.index == index)
-            .copied()
-            .unwrap_or_default()
-    };
-    let vendor_ebx = leaf(0, 0).ebx;
-    // "Auth" (AuthenticAMD) and "Hygo" (HygonGenuine).
-    let vendor = if vendor_ebx == 0x6874_7541 || vendor_ebx == 0x6f67_7948 {
-        Vendor::Amd
-    } else {
-        Vendor::Intel
-    };
-    let leaf7 = leaf(7, 0);
-    Guest {
-        features: CpuFeatures {
-            maxphyaddr: (leaf(0x8000_0008, 0).eax & 0xff) as u8,
-            gbpages: leaf(0x8000_0001, 0).edx & (1 << 26) != 0,
-            pse36: leaf(1, 0).edx & (1 << 17) != 0,
-            vendor,
-        },
-        smep: leaf7.ebx & (1 << 7) != 0,
-        smap: leaf7.ebx & (1 << 20) != 0,
-        pku: leaf7.ecx & (1 << 3) != 0,
-        la57: leaf7.ecx & (1 << 16) != 0,
-    }
-}
-
-/// Guest RAM of every VM of these tests.
-const RAM: u64 = 32 << 20;
 /// Where the page tables are built.
 const TABLES: u64 = 0x20_0000;
 const TABLES_LEN: u64 = 0x60_0000;
-/// 4 KiB and 2 MiB test pages map into `POOL..POOL_END` (the #PF test fills
-/// it with `ud2`).
-const POOL: u64 = 0x80_0000;
-const POOL_END: u64 = 0x100_0000;
-
-fn new_memory() -> GuestMemoryMmap {
-    MemoryLayout::new(RAM)
-        .unwrap()
-        .create_memory(&Default::default())
-        .unwrap()
-}
+// 4 KiB and 2 MiB test pages map into `POOL..POOL_END` (the #PF test fills
+// it with `ud2`).
 
 /// The guest-virtual address with these table indices (top level first)
 /// in `format`, sign-extended where the format needs it.
@@ -312,7 +236,7 @@ struct TableSpec {
 fn build_tables(
     rng: &mut Rng,
     memory: &GuestMemoryMmap,
-    guest: &Guest,
+    guest: &GuestPaging,
     spec: &TableSpec,
     reserve: impl Fn(&mut PageTableBuilder<'_, GuestMemoryMmap>),
 ) -> Tables {
@@ -403,17 +327,11 @@ fn build_tables(
 
 /// The 8-byte entries that differ between two copies of the table area.
 fn diff_entries(expected: &[u8], got: &[u8], what: &str) -> Vec<String> {
-    expected
-        .chunks_exact(8)
-        .zip(got.chunks_exact(8))
-        .enumerate()
-        .filter(|(_, (e, g))| e != g)
-        .map(|(i, (e, g))| {
-            let e = u64::from_le_bytes(e.try_into().unwrap());
-            let g = u64::from_le_bytes(g.try_into().unwrap());
+    diff_qwords(TABLES, expected, got)
+        .into_iter()
+        .map(|(at, e, g)| {
             format!(
-                "{what}: entry at {:#x}: walk(Update) {e:#x}, KVM {g:#x} (differ in {:#x})",
-                TABLES + 8 * i as u64,
+                "{what}: entry at {at:#x}: walk(Update) {e:#x}, KVM {g:#x} (differ in {:#x})",
                 e ^ g
             )
         })
@@ -487,20 +405,9 @@ impl Config {
 /// A VM with `RAM` bytes and one vCPU configured for long mode (the caller
 /// then loads its own control registers).
 fn vm() -> (Vm, Vcpu) {
-    let vm = Vm::new(new_memory(), VmConfig::default()).unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
     // Identity tables only so that `configure` accepts long mode; every
     // test replaces CR3.
-    vcpu.configure(&BootConfig::new(
-        CpuMode::Long {
-            gdt: 0x1000,
-            cr3: TABLES,
-        },
-        0x10000,
-        0x8000,
-    ))
-    .unwrap();
-    (vm, vcpu)
+    long_mode_vm(&new_memory(), GDT, TABLES)
 }
 
 /// How the two sides answered one `KVM_TRANSLATE`.
@@ -616,7 +523,7 @@ fn kvm_translate_agrees_with_walk_probe() {
     let mut rng = Rng::new(seed);
     let started = std::time::Instant::now();
     let (vm, vcpu) = vm();
-    let guest = guest_features(&vcpu);
+    let guest = guest_paging(&vcpu);
     eprintln!("seed {seed:#x}; guest CPU: {guest:?}");
     let memory = vm.memory();
     let mut stats = TranslateStats::default();
@@ -728,84 +635,14 @@ fn kvm_translate_agrees_with_walk_probe() {
 // ---------------------------------------------------------------------
 
 /// Guest-physical (and, identity-mapped by one 2 MiB supervisor page,
-/// guest-virtual) layout of the #PF test's own structures.
-const GDT: u64 = 0x1000;
-const TSS: u64 = 0x2000;
-const IDT: u64 = 0x3000;
-const IDTR: u64 = 0x4000;
+/// guest-virtual) layout of the #PF test's own structures, besides those
+/// of [`common::kernel64`].
 const COUNT: u64 = 0x4100;
-const KSTACK_TOP: u64 = 0x8000;
-const KERNEL_CODE: u64 = 0x10000;
-/// The user stubs' page (physical); mapped at `USER_STUBS`.
-const USER_CODE: u64 = 0x12000;
-const USER_STUBS: u64 = 0x20_0000;
 const CASES: u64 = 0x20000;
 const CASE_BYTES: u64 = 48;
 const RESULTS: u64 = 0x10_0000;
 const RESULT_BYTES: u64 = 32;
 const MAX_CASES: u64 = (RESULTS - CASES) / CASE_BYTES;
-
-const KERNEL_CS: u64 = 0x10;
-const KERNEL_SS: u64 = 0x18;
-const USER_SS: u64 = 0x30 | 3;
-const USER_CS: u64 = 0x38 | 3;
-
-/// Debug-exit codes of the guest.
-const GUEST_DONE: u32 = 1;
-const GUEST_UNEXPECTED_VECTOR: u32 = 0xee;
-
-/// Entry points of the stubs that make one access through `rbx` and end
-/// in `ud2` (data) or jump to `rbx` (fetch; the pool is full of `ud2`).
-#[derive(Debug, Clone, Copy)]
-struct Stubs {
-    read: u64,
-    read_ud: u64,
-    write: u64,
-    write_ud: u64,
-    fetch: u64,
-}
-
-impl Stubs {
-    fn entry(&self, kind: AccessKind) -> u64 {
-        match kind {
-            AccessKind::Read => self.read,
-            AccessKind::Write => self.write,
-            AccessKind::Fetch => self.fetch,
-        }
-    }
-}
-
-fn emit_stubs(
-    a: &mut iced_x86::code_asm::CodeAssembler,
-) -> Result<[iced_x86::code_asm::CodeLabel; 5], iced_x86::IcedError> {
-    use iced_x86::code_asm::*;
-    let mut labels = [(); 5].map(|_| a.create_label());
-    a.set_label(&mut labels[0])?;
-    a.mov(al, byte_ptr(rbx))?;
-    a.set_label(&mut labels[1])?;
-    a.ud2()?;
-    a.set_label(&mut labels[2])?;
-    a.mov(byte_ptr(rbx), al)?;
-    a.set_label(&mut labels[3])?;
-    a.ud2()?;
-    a.set_label(&mut labels[4])?;
-    a.jmp(rbx)?;
-    Ok(labels)
-}
-
-fn stubs_at(
-    result: &iced_x86::code_asm::CodeAssemblerResult,
-    labels: &[iced_x86::code_asm::CodeLabel; 5],
-) -> Stubs {
-    let ip = |i: usize| result.label_ip(&labels[i]).unwrap();
-    Stubs {
-        read: ip(0),
-        read_ud: ip(1),
-        write: ip(2),
-        write_ud: ip(3),
-        fetch: ip(4),
-    }
-}
 
 /// The guest: its kernel code (driver loop, handlers, kernel stubs) and
 /// the user stubs, with the addresses the host needs.
@@ -838,21 +675,7 @@ fn guest_code() -> GuestCode {
     let mut gp = a.create_label();
     let mut other = a.create_label();
     let mut build = |a: &mut CodeAssembler| -> Result<[CodeLabel; 5], IcedError> {
-        a.lidt(ptr(IDTR))?;
-        a.xor(r12d, r12d)?;
-        a.set_label(&mut next)?;
-        a.mov(rsp, KSTACK_TOP)?;
-        a.cmp(r12, qword_ptr(COUNT))?;
-        a.jae(done)?;
-        a.imul_3(rax, r12, CASE_BYTES as i32)?;
-        a.mov(rbx, qword_ptr(rax + CASES as i32))?;
-        a.push(qword_ptr(rax + (CASES + 32) as i32))?; // SS
-        a.push(KSTACK_TOP as i32)?; // RSP (unused by the stubs)
-        a.push(qword_ptr(rax + (CASES + 24) as i32))?; // RFLAGS
-        a.push(qword_ptr(rax + (CASES + 16) as i32))?; // CS
-        a.push(qword_ptr(rax + (CASES + 8) as i32))?; // RIP
-        a.mov(rax, qword_ptr(rax + (CASES + 40) as i32))?;
-        a.iretq()?;
+        emit_driver_entry(a, &mut next, done, COUNT, CASES, CASE_BYTES)?;
 
         // #PF: error code, RIP, CS, RFLAGS, RSP, SS on the stack.
         a.set_label(&mut pf)?;
@@ -893,7 +716,7 @@ fn guest_code() -> GuestCode {
         a.set_label(&mut done)?;
         a.mov(eax, GUEST_DONE)?;
         a.out(common::EXIT_PORT as u32, al)?;
-        emit_stubs(a)
+        emit_stubs(a, StubWidth::Byte)
     };
     let kernel_labels = build(&mut a).unwrap();
     let kernel = a
@@ -902,23 +725,16 @@ fn guest_code() -> GuestCode {
             BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )
         .unwrap();
-    let mut u = CodeAssembler::new(64).unwrap();
-    let user_labels = emit_stubs(&mut u).unwrap();
-    let user = u
-        .assemble_options(
-            USER_STUBS,
-            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-        )
-        .unwrap();
+    let (user, user_stubs) = user_stubs(StubWidth::Byte);
     GuestCode {
         kernel_stubs: stubs_at(&kernel, &kernel_labels),
-        user_stubs: stubs_at(&user, &user_labels),
+        user_stubs,
         pf: kernel.label_ip(&pf).unwrap(),
         ud: kernel.label_ip(&ud).unwrap(),
         gp: kernel.label_ip(&gp).unwrap(),
         other: kernel.label_ip(&other).unwrap(),
         kernel: kernel.inner.code_buffer,
-        user: user.inner.code_buffer,
+        user,
     }
 }
 
@@ -926,32 +742,12 @@ fn guest_code() -> GuestCode {
 /// with RSP0, IDT with #UD/#GP/#PF handlers (every other exception
 /// vector leaves the guest), code, and the pool full of `ud2`.
 fn write_guest(memory: &GuestMemoryMmap, code: &GuestCode) {
-    let tss_low = 0x67 | (TSS & 0xff_ffff) << 16 | 0x89 << 40 | ((TSS >> 24) & 0xff) << 56;
-    let gdt: [u64; 8] = [
-        0,
-        0,
-        0x00af_9b00_0000_ffff, // 0x10: kernel code, 64-bit
-        0x00cf_9300_0000_ffff, // 0x18: kernel data
-        tss_low,               // 0x20: TSS
-        TSS >> 32,
-        0x00cf_f300_0000_ffff, // 0x30: user data, DPL 3
-        0x00af_fb00_0000_ffff, // 0x38: user code, 64-bit, DPL 3
-    ];
-    for (i, d) in gdt.iter().enumerate() {
-        memory
-            .write_obj(*d, GuestAddress(GDT + 8 * i as u64))
-            .unwrap();
-    }
-    memory.write_obj(KSTACK_TOP, GuestAddress(TSS + 4)).unwrap();
-    for vector in 0..32u8 {
-        let handler = match vector {
-            6 => code.ud,
-            13 => code.gp,
-            14 => code.pf,
-            _ => code.other,
-        };
-        common::install_handler(memory, IDT, IDTR, vector, handler, &[]);
-    }
+    write_descriptor_tables(memory, |vector| match vector {
+        6 => code.ud,
+        13 => code.gp,
+        14 => code.pf,
+        _ => code.other,
+    });
     memory
         .write_slice(&code.kernel, GuestAddress(KERNEL_CODE))
         .unwrap();
@@ -1077,40 +873,23 @@ fn random_cases(rng: &mut Rng, tables: &Tables, n: usize, quirk: &mut usize) -> 
 fn write_cases(memory: &GuestMemoryMmap, cases: &[Case], code: &GuestCode) {
     assert!(cases.len() as u64 <= MAX_CASES);
     for (i, case) in cases.iter().enumerate() {
-        let (stubs, cs, ss) = if case.user {
-            (code.user_stubs, USER_CS, USER_SS)
+        let stubs = if case.user {
+            code.user_stubs
         } else {
-            (code.kernel_stubs, KERNEL_CS, KERNEL_SS)
+            code.kernel_stubs
         };
-        // A write stores the byte the pool already holds there.
-        let byte = if case.gva & 1 == 0 { 0x0f } else { 0x0b };
-        let record: [u64; 6] = [case.gva, stubs.entry(case.kind), cs, 0x2, ss, byte];
-        for (j, v) in record.iter().enumerate() {
-            let at = CASES + i as u64 * CASE_BYTES + 8 * j as u64;
-            memory.write_obj(*v, GuestAddress(at)).unwrap();
-        }
+        let entry = Entry {
+            rbx: case.gva,
+            rip: stubs.entry(case.kind),
+            user: case.user,
+            // A write stores the byte the pool already holds there.
+            rax: if case.gva & 1 == 0 { 0x0f } else { 0x0b },
+        };
+        write_driver_entry(memory, CASES + i as u64 * CASE_BYTES, &entry);
     }
     memory
         .write_obj(cases.len() as u64, GuestAddress(COUNT))
         .unwrap();
-}
-
-/// Sets the accessed (and, in the leaf, dirty) bit of every entry that
-/// maps `gva`, so that the guest's own accesses change no entry.
-fn preset_accessed(memory: &GuestMemoryMmap, ctx: &PagingContext, gva: u64) {
-    let t = ctx
-        .walk(
-            memory,
-            gva,
-            Access::read(Privilege::Supervisor),
-            WalkMode::Probe,
-        )
-        .unwrap();
-    let leaf = t.entries.leaf().unwrap().gpa;
-    for e in t.entries.iter() {
-        let bits = if e.gpa == leaf { 0x60 } else { 0x20 };
-        write_entry(memory, true, e.gpa, e.value | bits);
-    }
 }
 
 #[test]
@@ -1142,7 +921,7 @@ fn guest_page_faults_agree_with_walk() {
     for set in 0..16 * TABLE_SETS_PER_CONFIG {
         let combo = set / TABLE_SETS_PER_CONFIG;
         let (vm, mut vcpu) = vm();
-        let g = *guest.get_or_insert_with(|| guest_features(&vcpu));
+        let g = *guest.get_or_insert_with(|| guest_paging(&vcpu));
         let config = Config {
             format: TableFormat::Level4,
             wp: combo & 1 != 0,
@@ -1193,14 +972,9 @@ fn guest_page_faults_agree_with_walk() {
 
         let mut sregs = vcpu.sregs().unwrap();
         config.apply(&mut sregs, &regs);
-        sregs.gdt.base = GDT;
-        sregs.gdt.limit = 8 * 8 - 1;
-        sregs.tr.base = TSS;
-        vcpu.set_sregs(&sregs).unwrap();
         let mut r = vcpu.regs().unwrap();
-        r.rip = KERNEL_CODE;
-        r.rsp = KSTACK_TOP;
-        r.rflags = 2;
+        enter_kernel(&mut sregs, &mut r);
+        vcpu.set_sregs(&sregs).unwrap();
         vcpu.set_regs(&r).unwrap();
         let stop = vcpu.run(&bus).unwrap();
         assert!(

@@ -71,40 +71,22 @@ use vmkit_memory::paging::{
     walk_2d, Access, AccessKind, ControlRegs, CpuFeatures, EptBuilder, EptCapabilities, EptContext,
     EptFlags, FaultOutcome, HostMap, IdentityMap, NptBuilder, NptContext, NptFlags, NptHost,
     PageFlags, PageSize, PageTableBuilder, PagingContext, Privilege, ShadowConfig, ShadowMmu,
-    Stage2Access, Stage2Context, TableFormat, Vendor, WalkError, WalkMode,
+    Stage2Access, Stage2Context, TableFormat, WalkError, WalkMode,
 };
 use vmkit_memory::vm_memory::{Bytes, GuestAddress};
-use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
+use vmkit_memory::GuestMemoryMmap;
 use vmkit_vcpu::kvm_bindings::{kvm_regs, kvm_sregs};
-use vmkit_vcpu::{BootConfig, CpuMode, StopReason, Vcpu, Vm, VmConfig};
+use vmkit_vcpu::{StopReason, Vcpu, Vm};
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
+use common::kernel64::{
+    diff_qwords, emit_driver_entry, emit_stubs, enter_kernel, guest_paging, long_mode_vm,
+    new_memory, oracle_seed, preset_accessed, stubs_at, user_stubs, write_descriptor_tables,
+    write_driver_entry, Entry, Rng, StubWidth, Stubs, GDT, GUEST_DONE, GUEST_UNEXPECTED_VECTOR,
+    KERNEL_CODE, POOL, POOL_END, RAM, USER_CODE, USER_STUBS,
+};
 
 fn seed() -> u64 {
-    std::env::var("VMKIT_ORACLE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x0005_eed5_ad0e)
+    oracle_seed(0x0005_eed5_ad0e)
 }
 
 // ---------------------------------------------------------------------
@@ -112,11 +94,7 @@ fn seed() -> u64 {
 // 2 MiB supervisor page at 0 in both address spaces.
 // ---------------------------------------------------------------------
 
-const RAM: u64 = 32 << 20;
-const GDT: u64 = 0x1000;
-const TSS: u64 = 0x2000;
-const IDT: u64 = 0x3000;
-const IDTR: u64 = 0x4000;
+// The rest of the layout is [`common::kernel64`]'s.
 /// The mailbox between the guest's handlers and the VMM.
 const MB_CR2: u64 = 0x4100;
 const MB_ERR: u64 = 0x4108;
@@ -126,11 +104,6 @@ const MB_OP: u64 = 0x4120;
 const MB_RAX: u64 = 0x4128;
 const COUNT: u64 = 0x4130;
 const MB_DEBUG: u64 = 0x4140;
-const KSTACK_TOP: u64 = 0x8000;
-const KERNEL_CODE: u64 = 0x10000;
-/// The user stubs' page (physical); mapped at `USER_STUBS`.
-const USER_CODE: u64 = 0x12000;
-const USER_STUBS: u64 = 0x20_0000;
 const OPS: u64 = 0x20000;
 const OP_BYTES: u64 = 48;
 const RESULTS: u64 = 0x30000;
@@ -147,18 +120,8 @@ const TABLES_LEN: u64 = 0x8_0000;
 /// The shadow tables (not mapped in the guest's address spaces).
 const SHADOW: u64 = 0x30_0000;
 const SHADOW_LEN: u64 = 0x20_0000;
-/// 4 KiB and 2 MiB test pages map into the pool.
-const POOL: u64 = 0x80_0000;
-const POOL_END: u64 = 0x100_0000;
 
-const KERNEL_CS: u64 = 0x10;
-const KERNEL_SS: u64 = 0x18;
-const USER_SS: u64 = 0x30 | 3;
-const USER_CS: u64 = 0x38 | 3;
-
-/// Debug-exit codes of the guest.
-const GUEST_DONE: u32 = 1;
-const GUEST_UNEXPECTED_VECTOR: u32 = 0xee;
+/// Debug-exit codes of the guest's requests to the VMM.
 const REQ_FAULT: u32 = 0x10;
 const REQ_INVLPG: u32 = 0x11;
 const REQ_CR3: u32 = 0x12;
@@ -179,112 +142,15 @@ fn cell(gpa: u64) -> [u8; 8] {
     [0xb8, b[0], b[1], b[2], b[3], 0x0f, 0x0b, 0x90]
 }
 
-fn new_memory() -> GuestMemoryMmap {
-    MemoryLayout::new(RAM)
-        .unwrap()
-        .create_memory(&Default::default())
-        .unwrap()
-}
-
-fn features(vcpu: &Vcpu) -> CpuFeatures {
-    let cpuid = vcpu.cpuid().unwrap();
-    let leaf = |function: u32| {
-        cpuid
-            .as_slice()
-            .iter()
-            .find(|e| e.function == function && e.index == 0)
-            .copied()
-            .unwrap_or_default()
-    };
-    let vendor_ebx = leaf(0).ebx;
-    // "Auth" (AuthenticAMD) and "Hygo" (HygonGenuine).
-    let vendor = if vendor_ebx == 0x6874_7541 || vendor_ebx == 0x6f67_7948 {
-        Vendor::Amd
-    } else {
-        Vendor::Intel
-    };
-    CpuFeatures {
-        maxphyaddr: (leaf(0x8000_0008).eax & 0xff) as u8,
-        gbpages: leaf(0x8000_0001).edx & (1 << 26) != 0,
-        pse36: leaf(1).edx & (1 << 17) != 0,
-        vendor,
-    }
-}
-
 /// A VM over (a clone of) `memory` with one vCPU configured for long mode
 /// (the caller then loads its own registers).
 fn vm_over(memory: &GuestMemoryMmap) -> (Vm, Vcpu) {
-    let vm = Vm::new(memory.clone(), VmConfig::default()).unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.configure(&BootConfig::new(
-        CpuMode::Long {
-            gdt: SCRATCH_GDT,
-            cr3: SHADOW,
-        },
-        KERNEL_CODE,
-        KSTACK_TOP,
-    ))
-    .unwrap();
-    (vm, vcpu)
+    long_mode_vm(memory, SCRATCH_GDT, SHADOW)
 }
 
 // ---------------------------------------------------------------------
 // The guest.
 // ---------------------------------------------------------------------
-
-/// Entry points of the stubs that make one access through `rbx` and end
-/// in `ud2` (read, write) or jump to `rbx` (fetch: a pool cell ends in
-/// `ud2`).
-#[derive(Debug, Clone, Copy)]
-struct Stubs {
-    read: u64,
-    read_ud: u64,
-    write: u64,
-    write_ud: u64,
-    fetch: u64,
-}
-
-impl Stubs {
-    fn entry(&self, kind: AccessKind) -> u64 {
-        match kind {
-            AccessKind::Read => self.read,
-            AccessKind::Write => self.write,
-            AccessKind::Fetch => self.fetch,
-        }
-    }
-}
-
-fn emit_stubs(
-    a: &mut iced_x86::code_asm::CodeAssembler,
-) -> Result<[iced_x86::code_asm::CodeLabel; 5], iced_x86::IcedError> {
-    use iced_x86::code_asm::*;
-    let mut labels = [(); 5].map(|_| a.create_label());
-    a.set_label(&mut labels[0])?;
-    a.mov(rax, qword_ptr(rbx))?;
-    a.set_label(&mut labels[1])?;
-    a.ud2()?;
-    a.set_label(&mut labels[2])?;
-    a.mov(dword_ptr(rbx), eax)?;
-    a.set_label(&mut labels[3])?;
-    a.ud2()?;
-    a.set_label(&mut labels[4])?;
-    a.jmp(rbx)?;
-    Ok(labels)
-}
-
-fn stubs_at(
-    result: &iced_x86::code_asm::CodeAssemblerResult,
-    labels: &[iced_x86::code_asm::CodeLabel; 5],
-) -> Stubs {
-    let ip = |i: usize| result.label_ip(&labels[i]).unwrap();
-    Stubs {
-        read: ip(0),
-        read_ud: ip(1),
-        write: ip(2),
-        write_ud: ip(3),
-        fetch: ip(4),
-    }
-}
 
 struct GuestCode {
     kernel: Vec<u8>,
@@ -328,21 +194,7 @@ fn guest_code() -> GuestCode {
     let mut report_cr3 = a.create_label();
     let mut cr3_ud = a.create_label();
     let mut build = |a: &mut CodeAssembler| -> Result<[CodeLabel; 5], IcedError> {
-        a.lidt(ptr(IDTR))?;
-        a.xor(r12d, r12d)?;
-        a.set_label(&mut next)?;
-        a.mov(rsp, KSTACK_TOP)?;
-        a.cmp(r12, qword_ptr(COUNT))?;
-        a.jae(done)?;
-        a.imul_3(rax, r12, OP_BYTES as i32)?;
-        a.mov(rbx, qword_ptr(rax + OPS as i32))?;
-        a.push(qword_ptr(rax + (OPS + 32) as i32))?; // SS
-        a.push(KSTACK_TOP as i32)?; // RSP (unused by the stubs)
-        a.push(qword_ptr(rax + (OPS + 24) as i32))?; // RFLAGS
-        a.push(qword_ptr(rax + (OPS + 16) as i32))?; // CS
-        a.push(qword_ptr(rax + (OPS + 8) as i32))?; // RIP
-        a.mov(rax, qword_ptr(rax + (OPS + 40) as i32))?;
-        a.iretq()?;
+        emit_driver_entry(a, &mut next, done, COUNT, OPS, OP_BYTES)?;
 
         // #PF: error code, RIP, CS, RFLAGS, RSP, SS on the stack.
         a.set_label(&mut pf)?;
@@ -408,7 +260,7 @@ fn guest_code() -> GuestCode {
         a.out(port, al)?;
         a.set_label(&mut cr3_ud)?;
         a.ud2()?;
-        emit_stubs(a)
+        emit_stubs(a, StubWidth::Wide)
     };
     let kernel_labels = build(&mut a).unwrap();
     let kernel = a
@@ -417,18 +269,11 @@ fn guest_code() -> GuestCode {
             BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )
         .unwrap();
-    let mut u = CodeAssembler::new(64).unwrap();
-    let user_labels = emit_stubs(&mut u).unwrap();
-    let user = u
-        .assemble_options(
-            USER_STUBS,
-            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-        )
-        .unwrap();
+    let (user, user_stubs) = user_stubs(StubWidth::Wide);
     let ip = |l: &CodeLabel| kernel.label_ip(l).unwrap();
     let code = GuestCode {
         kernel_stubs: stubs_at(&kernel, &kernel_labels),
-        user_stubs: stubs_at(&user, &user_labels),
+        user_stubs,
         invlpg: ip(&invlpg),
         invlpg_ud: ip(&invlpg_ud),
         cr3: ip(&report_cr3),
@@ -437,7 +282,7 @@ fn guest_code() -> GuestCode {
         ud: ip(&ud),
         other: ip(&other),
         kernel: kernel.inner.code_buffer.clone(),
-        user: user.inner.code_buffer,
+        user,
     };
     assert!(KERNEL_CODE + code.kernel.len() as u64 <= USER_CODE);
     code
@@ -447,31 +292,11 @@ fn guest_code() -> GuestCode {
 /// with RSP0, IDT with #UD/#PF handlers (every other exception vector
 /// leaves the guest), code, and the pool of cells.
 fn write_guest(memory: &GuestMemoryMmap, code: &GuestCode) {
-    let tss_low = 0x67 | (TSS & 0xff_ffff) << 16 | 0x89 << 40 | ((TSS >> 24) & 0xff) << 56;
-    let gdt: [u64; 8] = [
-        0,
-        0,
-        0x00af_9b00_0000_ffff, // 0x10: kernel code, 64-bit
-        0x00cf_9300_0000_ffff, // 0x18: kernel data
-        tss_low,               // 0x20: TSS
-        TSS >> 32,
-        0x00cf_f300_0000_ffff, // 0x30: user data, DPL 3
-        0x00af_fb00_0000_ffff, // 0x38: user code, 64-bit, DPL 3
-    ];
-    for (i, d) in gdt.iter().enumerate() {
-        memory
-            .write_obj(*d, GuestAddress(GDT + 8 * i as u64))
-            .unwrap();
-    }
-    memory.write_obj(KSTACK_TOP, GuestAddress(TSS + 4)).unwrap();
-    for vector in 0..32u8 {
-        let handler = match vector {
-            6 => code.ud,
-            14 => code.pf,
-            _ => code.other,
-        };
-        common::install_handler(memory, IDT, IDTR, vector, handler, &[]);
-    }
+    write_descriptor_tables(memory, |vector| match vector {
+        6 => code.ud,
+        14 => code.pf,
+        _ => code.other,
+    });
     memory
         .write_slice(&code.kernel, GuestAddress(KERNEL_CODE))
         .unwrap();
@@ -510,26 +335,6 @@ fn random_gva(rng: &mut Rng, size: PageSize) -> u64 {
 
 fn pool_frame(rng: &mut Rng, size: PageSize) -> u64 {
     POOL + rng.below((POOL_END - POOL) / size.bytes()) * size.bytes()
-}
-
-/// Sets the accessed (and, in the leaf, dirty) bit of every entry that
-/// maps `gva`, so that the kernel's own accesses change no entry.
-fn preset_accessed(memory: &GuestMemoryMmap, ctx: &PagingContext, gva: u64) {
-    let t = ctx
-        .walk(
-            memory,
-            gva,
-            Access::read(Privilege::Supervisor),
-            WalkMode::Probe,
-        )
-        .unwrap();
-    let leaf = t.entries.leaf().unwrap().gpa;
-    for e in t.entries.iter() {
-        let bits = if e.gpa == leaf { 0x60 } else { 0x20 };
-        memory
-            .write_obj(e.value | bits, GuestAddress(e.gpa))
-            .unwrap();
-    }
 }
 
 /// One guest address space: its root and test pages.
@@ -741,28 +546,35 @@ fn predict(ctx: &PagingContext, sim: &GuestMemoryMmap, op: &Op, code: &GuestCode
 fn write_ops(memory: &GuestMemoryMmap, ops: &[Op], roots: &[u64; 2], code: &GuestCode) {
     assert!(ops.len() as u64 <= MAX_OPS);
     for (i, op) in ops.iter().enumerate() {
-        let kernel = |rip: u64, rbx: u64| [rbx, rip, KERNEL_CS, 0x2, KERNEL_SS, 0];
-        let record: [u64; 6] = match *op {
+        let kernel = |rip: u64, rbx: u64| Entry {
+            rbx,
+            rip,
+            user: false,
+            rax: 0,
+        };
+        let entry = match *op {
             Op::Access {
                 gva,
                 kind,
                 user,
                 value,
             } => {
-                let (stubs, cs, ss) = if user {
-                    (code.user_stubs, USER_CS, USER_SS)
+                let stubs = if user {
+                    code.user_stubs
                 } else {
-                    (code.kernel_stubs, KERNEL_CS, KERNEL_SS)
+                    code.kernel_stubs
                 };
-                [gva, stubs.entry(kind), cs, 0x2, ss, u64::from(value)]
+                Entry {
+                    rbx: gva,
+                    rip: stubs.entry(kind),
+                    user,
+                    rax: u64::from(value),
+                }
             }
             Op::Invlpg { gva } => kernel(code.invlpg, gva),
             Op::LoadCr3 { space } => kernel(code.cr3, roots[space]),
         };
-        for (j, v) in record.iter().enumerate() {
-            let at = OPS + i as u64 * OP_BYTES + 8 * j as u64;
-            memory.write_obj(*v, GuestAddress(at)).unwrap();
-        }
+        write_driver_entry(memory, OPS + i as u64 * OP_BYTES, &entry);
         // Poison the result record.
         memory
             .write_obj(0xdead_u64, GuestAddress(RESULTS + i as u64 * RESULT_BYTES))
@@ -799,18 +611,10 @@ fn random_access(rng: &mut Rng, pages: &[Page]) -> Op {
 /// The 8-byte entries that differ between two copies of a memory range
 /// starting at `base`.
 fn diff_entries(base: u64, expected: &[u8], got: &[u8], what: &str) -> Vec<String> {
-    expected
-        .chunks_exact(8)
-        .zip(got.chunks_exact(8))
-        .enumerate()
-        .filter(|(_, (e, g))| e != g)
-        .map(|(i, (e, g))| {
-            let e = u64::from_le_bytes(e.try_into().unwrap());
-            let g = u64::from_le_bytes(g.try_into().unwrap());
-            format!(
-                "{what}: qword at {:#x}: walk(Update) {e:#x}, guest on shadow tables {g:#x}",
-                base + 8 * i as u64
-            )
+    diff_qwords(base, expected, got)
+        .into_iter()
+        .map(|(at, e, g)| {
+            format!("{what}: qword at {at:#x}: walk(Update) {e:#x}, guest on shadow tables {g:#x}")
         })
         .collect()
 }
@@ -922,7 +726,7 @@ fn guest_runs_on_shadow_page_tables() {
     let bus = common::bus();
     let memory = new_memory();
     let (vm, vcpu) = vm_over(&memory);
-    let features = features(&vcpu);
+    let features = guest_paging(&vcpu).features;
     write_guest(&memory, &code);
     let (root_a, pages_a) = build_space(&mut rng, &memory, &features, TABLES[0]);
     let (root_b, pages_b) = build_space(&mut rng, &memory, &features, TABLES[1]);
@@ -1061,13 +865,8 @@ fn guest_runs_on_shadow_page_tables() {
         sregs.cr0 |= ControlRegs::CR0_WP;
         sregs.cr3 = shadow_root;
         sregs.efer |= ControlRegs::EFER_NXE;
-        sregs.gdt.base = GDT;
-        sregs.gdt.limit = 8 * 8 - 1;
-        sregs.tr.base = TSS;
         let mut regs = machine.vcpu.regs().unwrap();
-        regs.rip = KERNEL_CODE;
-        regs.rsp = KSTACK_TOP;
-        regs.rflags = 2;
+        enter_kernel(&mut sregs, &mut regs);
         machine.load(&sregs, &regs);
 
         let mut seen = vec![Seen::default(); ops.len()];
@@ -1511,7 +1310,7 @@ fn s2_check(
 fn shadow_tables_compose_stage2(ept: bool) {
     let memory = new_memory();
     let (_vm, vcpu) = vm_over(&memory);
-    let features = features(&vcpu);
+    let features = guest_paging(&vcpu).features;
     drop((_vm, vcpu));
     // The guest's own tables: the kernel identity-mapped by a 2 MiB page,
     // data page i at frame S2_GPA + i * 4 KiB.

@@ -36,16 +36,27 @@
 //!   long-mode format of the *host* (the VMRUN caller): EFER.NXE, 1 GiB page
 //!   support, MAXPHYADDR and CR4.LA57 come from [`NptHost`], never from the
 //!   guest. Every nested access is a user access (so the U/S bit must be set
-//!   at every level, and host SMEP/SMAP/CR0.WP do not matter); reading a
-//!   guest paging-structure entry is a read, setting its A/D bits a write.
-//!   Protection keys do not apply to nested translations. #NPF EXITINFO1
-//!   carries the #PF-style P/RW/US/RSVD/ID bits (ID for fetches when the
-//!   host has EFER.NXE, as for #PF) plus bit 32 (final guest-physical
-//!   translation) or bit 33 (guest page-table access). Nested A bits are set
-//!   in every entry used, D in the leaf on writes. Only long-mode host
-//!   formats are supported (legacy and PAE hosts are not modelled). KVM
-//!   treats every guest page-table access as a write; this module follows
-//!   the APM text instead.
+//!   at every level, and host SMEP/SMAP/CR0.WP do not matter). Protection
+//!   keys do not apply to nested translations. #NPF EXITINFO1 carries the
+//!   #PF-style P/RW/US/RSVD/ID bits (ID for fetches when the host has
+//!   EFER.NXE, as for #PF) plus bit 32 (final guest-physical translation)
+//!   or bit 33 (guest page-table access). Nested A bits are set in every
+//!   entry used, D in the leaf on writes. Only long-mode host formats are
+//!   supported (legacy and PAE hosts are not modelled).
+//! - **NPT guest page-table accesses are user writes** (APM Vol. 2
+//!   §15.25.5, "Nested Table Walk": "Table walks for guest page tables are
+//!   always treated as user writes at the nested page table level", while
+//!   the walk for the guest page itself "is always treated as a user
+//!   access"; KVM agrees: `walk_addr_generic` in
+//!   `arch/x86/kvm/mmu/paging_tmpl.h` translates every guest table address
+//!   with `PFERR_USER_MASK | PFERR_WRITE_MASK` whenever the format has A/D
+//!   bits, which long-mode NPT always has). So *reading* a guest
+//!   paging-structure entry, not only setting its A/D bits, needs R/W = 1
+//!   and U/S = 1 at every nested level, sets the nested D bit of the leaf
+//!   (on an updating walk), and a failure reports EXITINFO1 W|U|bit 33
+//!   (plus P for a protection or reserved-bit fault).
+//!   The final guest-physical access keeps its own kind (read, write or
+//!   fetch; always user).
 //! - A guest-physical address beyond the reach of the stage-2 tables
 //!   (bits at or above 48 with 4-level tables, 57 with 5-level) is reported
 //!   as a not-present stage-2 fault with no entries visited.
@@ -239,9 +250,12 @@ pub enum Stage2Access {
     /// guest-physical address (or a guest-physical access such as DMA, when
     /// no guest-linear address is given).
     Data(AccessKind),
-    /// Reading a guest paging-structure entry during a guest walk.
+    /// Reading a guest paging-structure entry during a guest walk: a
+    /// data read under EPT without A/D, a write under EPT with EPTP bit 6,
+    /// and a user write under NPT (APM §15.25.5).
     TableRead,
-    /// Setting accessed/dirty bits in a guest paging-structure entry.
+    /// Setting accessed/dirty bits in a guest paging-structure entry (a
+    /// write; a user write under NPT).
     TableUpdate,
 }
 
@@ -300,7 +314,7 @@ pub struct NpfErrorCode(u64);
 impl NpfErrorCode {
     /// P: a protection or reserved-bit violation (else not present).
     pub const PRESENT: NpfErrorCode = NpfErrorCode(1 << 0);
-    /// RW: a write.
+    /// RW: a write (every guest page-table access is one, APM §15.25.5).
     pub const WRITE: NpfErrorCode = NpfErrorCode(1 << 1);
     /// US: a user access (always set: nested accesses are user accesses).
     pub const USER: NpfErrorCode = NpfErrorCode(1 << 2);
@@ -1048,8 +1062,9 @@ impl NptContext {
         &self.host
     }
 
-    /// Translates `gpa` for `access` (always as a user access), reading the
-    /// nested tables from `memory`.
+    /// Translates `gpa` for `access` (always as a user access; guest
+    /// page-table accesses, [`Stage2Access::TableRead`] included, as user
+    /// writes), reading the nested tables from `memory`.
     pub fn translate<M: GuestMemory + ?Sized>(
         &self,
         memory: &M,
@@ -1069,10 +1084,12 @@ impl NptContext {
         gla: Option<u64>,
         mode: WalkMode,
     ) -> Result<Stage2Translation, Stage2Error> {
+        // APM §15.25.5: every guest page-table access, read or A/D update,
+        // is a user write at the nested level; the final access keeps its
+        // kind.
         let kind = match access {
             Stage2Access::Data(kind) => kind,
-            Stage2Access::TableRead => AccessKind::Read,
-            Stage2Access::TableUpdate => AccessKind::Write,
+            Stage2Access::TableRead | Stage2Access::TableUpdate => AccessKind::Write,
         };
         let phase_bit = match access.phase() {
             Stage2Phase::Final => NpfErrorCode::FINAL,
@@ -1486,7 +1503,8 @@ impl<M: GuestMemory + ?Sized> NestedTables<'_, M> {
 impl<M: GuestMemory + ?Sized> NestedTables<'_, M> {
     /// The host address of the guest paging-structure entry at `gpa`: the
     /// lean, memoized EPT walk when stage 2 sets no flag, else a full
-    /// stage-2 walk.
+    /// stage-2 walk. NPT always takes the full walk (never the memo), so a
+    /// guest-table access is checked as the user write it is every time.
     #[inline]
     fn table(&mut self, gpa: u64, access: Stage2Access) -> Result<u64, NestedWalkError> {
         let gla = Some(self.gla);
@@ -1545,7 +1563,9 @@ impl<M: GuestMemory + ?Sized> TableMemory for NestedTables<'_, M> {
 /// Stage-1 faults are reported exactly as [`walk`](super::walk()) reports
 /// them; stage-2 faults say whether they hit a guest paging-structure
 /// access or the final access. With [`WalkMode::Update`] both stages set
-/// accessed/dirty bits (guest A/D updates are stage-2 writes).
+/// accessed/dirty bits (guest A/D updates are stage-2 writes; under NPT
+/// every guest paging-structure access is a user write, so the nested
+/// leaves of guest table pages get their D bit too).
 #[inline]
 pub fn walk_2d<M: GuestMemory + ?Sized>(
     guest: &PagingContext,

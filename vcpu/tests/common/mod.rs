@@ -2,6 +2,8 @@
 //! assembled at run time, and a recording device.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod kernel64;
+
 use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::CodeAssembler;
