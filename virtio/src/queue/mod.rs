@@ -27,6 +27,23 @@
 //! `VIRTIO_F_EVENT_IDX`, the used index before and after it, virtio 1.2,
 //! 2.7.10). A packed ring publishes each used descriptor through its own
 //! flags, so there `push_used` is `add_used`.
+//!
+//! # Why the split ring is vmkit's own, and how it is checked
+//!
+//! `virtio-queue`'s `Queue` publishes the used index on every `add_used`,
+//! re-reads the available index for every chain and walks descriptors
+//! through the whole memory map, and it shortens or drops a broken chain
+//! where vmkit wants a typed error; so the split ring here keeps only its
+//! descriptor layout and error type. The crate stays the oracle: the
+//! differential property test `tests/split_vs_virtio_queue.rs` drives a
+//! vmkit queue and a `virtio_queue::Queue` over two identical guest
+//! memories with the same driver actions and requires the same chains,
+//! the same used-ring bytes after every publish, the same EVENT_IDX
+//! interrupt decisions and the same notification-suppression writes. The
+//! two deliberate differences are asserted there, not skipped: vmkit
+//! honours `VRING_AVAIL_F_NO_INTERRUPT` without EVENT_IDX (the crate always
+//! notifies), and it refuses broken chains and impossible available
+//! indices that the crate truncates or reports as no chain.
 
 mod chain;
 mod packed;
