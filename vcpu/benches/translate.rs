@@ -5,8 +5,11 @@
 //! - vmkit: [`PagingContext::walk`] with [`WalkMode::Probe`] as a
 //!   supervisor read (what `KVM_TRANSLATE` checks), the context built once
 //!   from the vCPU's control registers and CPUID; a [`ShadowMmu`] cache
-//!   hit; and [`walk_2d`], the guest tables behind an EPT stage 2 (4 KiB
-//!   pages, identity over the VM's RAM, so it ends at the same address).
+//!   hit; [`walk_2d`], the guest tables behind an EPT stage 2 (4 KiB
+//!   pages, identity over the VM's RAM, so it ends at the same address);
+//!   and [`walk_2d_cached`], the same 2-D walk with a warm [`Stage2Tlb`]
+//!   (the steady state of a guest walking its own tables: every stage-2
+//!   lookup hits, only the four guest entries are read).
 //! - baseline: `KVM_TRANSLATE` through kvm-ioctls' `VcpuFd::translate_gva`
 //!   (a system call into KVM's own walker per address).
 //!
@@ -17,9 +20,10 @@
 //! - `translate_ns`: 4,096 addresses, three quarters mapped, the rest in
 //!   unmapped holes next to them; both sides translate them in the same
 //!   order and must agree (checked before timing).
-//! - `translate_4k_ns`, `translate_2m_ns`, `shadow_hit_ns`, `walk2d_ns`:
-//!   one address each (a 4 KiB page, a 2 MiB page, the 4 KiB page through
-//!   the cache, the 4 KiB page through EPT), each against `KVM_TRANSLATE`
+//! - `translate_4k_ns`, `translate_2m_ns`, `shadow_hit_ns`, `walk2d_ns`,
+//!   `walk2d_cached_4k_ns`: one address each (a 4 KiB page, a 2 MiB page,
+//!   the 4 KiB page through the cache, the 4 KiB page through EPT, and
+//!   through EPT with the stage-2 cache), each against `KVM_TRANSLATE`
 //!   of that address, translated over and over. Every vmkit answer is
 //!   checked against KVM's before timing.
 //!
@@ -34,9 +38,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
 use vmkit_memory::paging::{
-    walk_2d, Access, ControlRegs, CpuFeatures, EptBuilder, EptCapabilities, EptContext, EptFlags,
-    IdentityMap, PageFlags, PageSize, PageTableBuilder, PagingContext, Privilege, ShadowConfig,
-    ShadowMmu, Stage2Context, TableFormat, Vendor, WalkMode,
+    walk_2d, walk_2d_cached, Access, ControlRegs, CpuFeatures, EptBuilder, EptCapabilities,
+    EptContext, EptFlags, IdentityMap, PageFlags, PageSize, PageTableBuilder, PagingContext,
+    Privilege, ShadowConfig, ShadowMmu, Stage2Context, Stage2Tlb, TableFormat, Vendor, WalkMode,
 };
 use vmkit_memory::vm_memory::GuestAddress;
 use vmkit_memory::{GuestMemoryMmap, MemoryLayout};
@@ -264,10 +268,19 @@ enum Op {
     ShadowHit,
     /// `walk_2d` of the 4 KiB page through the EPT (24 references).
     Walk2d,
+    /// `walk_2d_cached` of the 4 KiB page, its stage-2 cache warm (4
+    /// references).
+    Walk2dCached,
 }
 
 impl Op {
-    const ALL: [Op; 4] = [Op::Walk4k, Op::Walk2m, Op::ShadowHit, Op::Walk2d];
+    const ALL: [Op; 5] = [
+        Op::Walk4k,
+        Op::Walk2m,
+        Op::ShadowHit,
+        Op::Walk2d,
+        Op::Walk2dCached,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -275,6 +288,7 @@ impl Op {
             Op::Walk2m => "translate_2m_ns",
             Op::ShadowHit => "shadow_hit_ns",
             Op::Walk2d => "walk2d_ns",
+            Op::Walk2dCached => "walk2d_cached_4k_ns",
         }
     }
 
@@ -296,6 +310,8 @@ struct Single<'a> {
     b: &'a Bench,
     mmu: ShadowMmu<'a, GuestMemoryMmap>,
     host: IdentityMap<'a, GuestMemoryMmap>,
+    /// The stage-2 cache of [`Op::Walk2dCached`].
+    tlb: Stage2Tlb,
 }
 
 impl<'a> Single<'a> {
@@ -308,7 +324,21 @@ impl<'a> Single<'a> {
             .translate(&host, GVA_4K, Access::read(Privilege::Supervisor))
             .unwrap();
         assert!(!fill.hit, "the first lookup walks");
-        Single { b, mmu, host }
+        // Warm the stage-2 cache with the walk it will answer.
+        let mut tlb = Stage2Tlb::new();
+        let read = Access::read(Privilege::Supervisor);
+        walk_2d_cached(
+            &b.ctx,
+            &b.ept,
+            memory,
+            &mut tlb,
+            GVA_4K,
+            read,
+            WalkMode::Probe,
+        )
+        .unwrap();
+        assert_eq!(tlb.stats().fills, 5, "the cold walk fills five entries");
+        Single { b, mmu, host, tlb }
     }
 
     /// vmkit's answer for `op` (the guest-physical address; for the 2-D
@@ -318,6 +348,7 @@ impl<'a> Single<'a> {
             Op::Walk4k | Op::Walk2m => self.walk(gva),
             Op::ShadowHit => self.shadow(gva),
             Op::Walk2d => self.walk2d(gva),
+            Op::Walk2dCached => self.walk2d_cached(gva),
         }
     }
 
@@ -358,8 +389,54 @@ impl<'a> Single<'a> {
         .map(|t| t.hpa)
     }
 
-    /// Every operation agrees with `KVM_TRANSLATE` (and the cache hits).
+    /// The 2-D walk with the warm stage-2 cache ([`Op::Walk2dCached`]).
+    #[inline]
+    fn walk2d_cached(&mut self, gva: u64) -> Option<u64> {
+        let access = Access::read(Privilege::Supervisor);
+        walk_2d_cached(
+            &self.b.ctx,
+            &self.b.ept,
+            self.b.vm.memory(),
+            &mut self.tlb,
+            gva,
+            access,
+            WalkMode::Probe,
+        )
+        .ok()
+        .map(|t| t.hpa)
+    }
+
+    /// Every operation agrees with `KVM_TRANSLATE` (and the caches hit; the
+    /// cached 2-D walk gives `walk_2d`'s translation with only the guest's
+    /// four entries read).
     fn check(&mut self) {
+        let access = Access::read(Privilege::Supervisor);
+        let memory = self.b.vm.memory();
+        let cached = walk_2d_cached(
+            &self.b.ctx,
+            &self.b.ept,
+            memory,
+            &mut self.tlb,
+            GVA_4K,
+            access,
+            WalkMode::Probe,
+        )
+        .unwrap();
+        let uncached = walk_2d(
+            &self.b.ctx,
+            &self.b.ept,
+            memory,
+            GVA_4K,
+            access,
+            WalkMode::Probe,
+        )
+        .unwrap();
+        assert_eq!(
+            (cached.hpa, cached.stage1, cached.stage2.page_size),
+            (uncached.hpa, uncached.stage1, uncached.stage2.page_size)
+        );
+        assert_eq!(cached.stats.references(), 4, "every stage-2 lookup hits");
+        assert_eq!(uncached.stats.references(), 24);
         let hits = self.mmu.stats().hits;
         for op in Op::ALL {
             let ours = self.vmkit_once(op, op.gva());
@@ -393,6 +470,7 @@ impl<'a> Single<'a> {
             Op::Walk4k | Op::Walk2m => self.batch(op.gva(), Self::walk),
             Op::ShadowHit => self.batch(op.gva(), Self::shadow),
             Op::Walk2d => self.batch(op.gva(), Self::walk2d),
+            Op::Walk2dCached => self.batch(op.gva(), Self::walk2d_cached),
         }
     }
 
@@ -494,7 +572,7 @@ fn compare() {
     // The single-address operations, each round visiting all of them.
     let mut single = Single::new(&b);
     single.check();
-    let mut samples = [(); 4].map(|_| (Vec::new(), Vec::new()));
+    let mut samples = [(); Op::ALL.len()].map(|_| (Vec::new(), Vec::new()));
     for op in Op::ALL {
         single.vmkit(op);
         single.baseline(op);

@@ -19,6 +19,9 @@
 //!   #NPF error codes, user-access rules) — the two-dimensional walk
 //!   [`walk_2d`] that reports which stage faulted and counts memory
 //!   references, and the builders [`EptBuilder`] and [`NptBuilder`].
+//! - [`nested_tlb`]: [`Stage2Tlb`], a cache of stage-2 translations that
+//!   must be invalidated like INVEPT, and [`walk_2d_cached`], the 2-D walk
+//!   that uses it.
 //!
 //! - [`shadow`]: [`ShadowMmu`], a translation cache (guest-virtual →
 //!   guest-physical → host through a [`HostMap`]) keyed by address space,
@@ -87,6 +90,7 @@ macro_rules! flag_word {
 pub mod builder;
 pub mod context;
 pub mod nested;
+pub mod nested_tlb;
 pub mod shadow;
 pub mod walk;
 
@@ -99,6 +103,7 @@ pub use nested::{
     Stage2BuildError, Stage2Context, Stage2Error, Stage2Fault, Stage2FaultKind, Stage2Phase,
     Stage2Translation,
 };
+pub use nested_tlb::{walk_2d_cached, Stage2Tlb, Stage2TlbStats};
 pub use shadow::{
     CachedEntry, FaultOutcome, HostMap, IdentityMap, ShadowConfig, ShadowError, ShadowMmu,
     ShadowStats, ShadowTranslation, SpaceInfo,

@@ -1178,7 +1178,7 @@ impl Stage2Context {
     }
 
     #[inline]
-    fn translate_in<T: TableMemory<Error = WalkError>>(
+    pub(crate) fn translate_in<T: TableMemory<Error = WalkError>>(
         &self,
         tables: &mut T,
         gpa: u64,
@@ -1308,7 +1308,7 @@ pub enum NestedWalkError {
 }
 
 impl NestedWalkError {
-    fn from_stage2(e: Stage2Error) -> NestedWalkError {
+    pub(crate) fn from_stage2(e: Stage2Error) -> NestedWalkError {
         match e {
             Stage2Error::Fault(fault) => NestedWalkError::Stage2(fault),
             Stage2Error::Memory {
@@ -1364,7 +1364,7 @@ impl From<WalkError> for NestedWalkError {
     }
 }
 
-fn stage1_memory(e: WalkError, level: u8, address: u64) -> NestedWalkError {
+pub(crate) fn stage1_memory(e: WalkError, level: u8, address: u64) -> NestedWalkError {
     match e {
         WalkError::Memory { source, .. } => NestedWalkError::Memory {
             stage: 1,
@@ -1377,10 +1377,10 @@ fn stage1_memory(e: WalkError, level: u8, address: u64) -> NestedWalkError {
 }
 
 /// Counts the entries a stage-2 walk reads and writes.
-struct Counting<'r, T> {
-    inner: &'r mut T,
-    reads: u32,
-    writes: u32,
+pub(crate) struct Counting<'r, T> {
+    pub(crate) inner: &'r mut T,
+    pub(crate) reads: u32,
+    pub(crate) writes: u32,
 }
 
 impl<T: TableMemory> TableMemory for Counting<'_, T> {
