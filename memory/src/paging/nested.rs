@@ -1643,7 +1643,7 @@ fn walk_2d_general<M: GuestMemory + ?Sized>(
 
 /// The fast path of a 2-D walk gave up: the general path decides (and
 /// reports any fault with all its details).
-struct Slow;
+pub(crate) struct Slow;
 
 impl From<WalkError> for Slow {
     #[inline]

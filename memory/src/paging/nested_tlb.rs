@@ -141,12 +141,12 @@ use vm_memory::GuestMemory;
 
 use super::context::PagingContext;
 use super::nested::{
-    stage1_memory, Counting, NestedStats, NestedTranslation, NestedWalkError, Stage2Access,
-    Stage2Context, Stage2Error, Stage2Translation,
+    stage1_memory, Counting, NestedStats, NestedTranslation, NestedWalkError, Slow as Miss,
+    Stage2Access, Stage2Context, Stage2Error, Stage2Translation,
 };
 use super::walk::{
     compare_exchange, walk_tables, Access, AccessKind, EntryReader, PageSize, TableMemory,
-    WalkEntries, WalkError, WalkMode,
+    WalkEntries, WalkMode,
 };
 
 /// EPT accessed flag.
@@ -644,16 +644,6 @@ impl<M: GuestMemory + ?Sized> TableMemory for CachedTables<'_, M> {
             self.tlb.flush();
         }
         Ok(swapped)
-    }
-}
-
-/// The fast path of [`walk_2d_cached`] gave up: the general path decides.
-struct Miss;
-
-impl From<WalkError> for Miss {
-    #[inline]
-    fn from(_: WalkError) -> Miss {
-        Miss
     }
 }
 
