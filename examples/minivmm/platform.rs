@@ -286,6 +286,7 @@ fn virtio_devices(args: &Args) -> Result<Vec<NamedDevice>, Error> {
 /// snapshot with `--restore`), runs it until the guest reboots or powers
 /// off (exit status 0), a snapshot is taken (0) or something fails.
 pub fn run(args: &Args) -> Result<ExitCode, Error> {
+    let mut phases = Phases::new();
     if args.memory < MIN_MEMORY {
         return Err(Error::Memory(format!(
             "{} MiB is too little; minivmm needs at least {} MiB",
@@ -307,6 +308,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         terminal::catch_snapshot_signal().map_err(Error::Snapshot)?;
     }
     let devices = virtio_devices(args)?;
+    phases.mark("backends");
     let n_devices = devices.len();
     let max_devices = match args.transport {
         Transport::Mmio => (IOAPIC_PINS - VIRTIO_FIRST_GSI) as usize,
@@ -371,6 +373,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
             .map_err(|e| Error::Memory(e.to_string()))?,
         Err(e) => return Err(Error::Memory(e.to_string())),
     };
+    phases.mark("memory");
     let platform = Platform {
         cpus: args.cpus,
         mmio: mmio.clone(),
@@ -394,6 +397,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
             )?)
         }
     };
+    phases.mark("tables+kernel");
 
     // The VM with KVM's interrupt controllers and PIT.
     let vm = Vm::new(
@@ -405,6 +409,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         },
     )
     .map_err(kvm("creating the VM"))?;
+    phases.mark("vm");
 
     // Legacy devices.
     let bus = Arc::new(IoBus::new());
@@ -529,6 +534,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         }
     }
     let _resample = ResampleWorker::spawn(lines).map_err(kvm("interrupt resampling"))?;
+    phases.mark("devices");
     let machine = Devices {
         serial: serial.clone(),
         i8042,
@@ -570,6 +576,7 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         }
         vcpus.push(vcpu);
     }
+    phases.mark("vcpus");
     let start = match (&restore, &boot) {
         (Some((snap, read_ms)), _) => {
             let started = Instant::now();
@@ -592,6 +599,9 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
         n_devices,
         args.transport,
     );
+    if args.boot_timer {
+        eprintln!("minivmm: set-up {}", phases.report());
+    }
 
     terminal::catch_signals().map_err(Error::Device)?;
     let raw = RawMode::enter();
@@ -696,6 +706,46 @@ pub fn run(args: &Args) -> Result<ExitCode, Error> {
             Ok(ExitCode::from(130))
         }
         Err(why) => Err(Error::Guest(why)),
+    }
+}
+
+/// Wall-clock time of each set-up step, reported with `--boot-timer` (where
+/// a VMM's own share of the boot goes, and which step varies between runs).
+struct Phases {
+    start: Instant,
+    last: Instant,
+    marks: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            marks: Vec::new(),
+        }
+    }
+
+    /// The step called `name` ended now.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.marks.push((name, snapshot::ms_since(self.last)));
+        self.last = now;
+    }
+
+    /// `name 1.2 ms, ... (total 3.4 ms)`.
+    fn report(&self) -> String {
+        let steps: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms:.1} ms"))
+            .collect();
+        format!(
+            "{} (total {:.1} ms)",
+            steps.join(", "),
+            snapshot::ms_since(self.start)
+        )
     }
 }
 
