@@ -310,15 +310,12 @@ fn compare() {
         ..options()
     };
     let mut n512 = setup_with(&image, RingFormat::Split, 512, polled.clone());
-    let mut nm512 = setup_with(
-        &image,
-        RingFormat::Split,
-        512,
-        BlockOptions {
-            map_reads: true,
-            ..polled
-        },
-    );
+    let mapped_polled = BlockOptions {
+        map_reads: true,
+        ..polled
+    };
+    let mut nm512 = setup_with(&image, RingFormat::Split, 512, mapped_polled.clone());
+    let mut nm4 = setup_with(&image, RingFormat::Split, 4096, mapped_polled);
     // Warm-up: worker threads, lazily mapped guest pages, and one pass
     // over the whole image per configuration, so that a mapped device
     // has its page tables filled as it would in a VM that has run a
@@ -332,6 +329,7 @@ fn compare() {
         &mut mapped512,
         &mut n512,
         &mut nm512,
+        &mut nm4,
     ] {
         for _ in 0..DISK / (BATCH * s.size as usize) {
             device_round(s);
@@ -341,6 +339,7 @@ fn compare() {
     let (mut d4, mut p4, mut m4, mut d512, mut p512, mut m512) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut x4, mut x512, mut y512, mut z512) = (vec![], vec![], vec![], vec![]);
+    let mut z4 = vec![];
     let (mut f4, mut f512) = (vec![], vec![]);
     let file = std::fs::File::open(&image.0).unwrap();
     let streak = |s: &mut Setup, v: &mut Vec<Duration>| {
@@ -364,6 +363,7 @@ fn compare() {
         streak(&mut mapped4, &mut x4);
         streak(&mut mapped512, &mut x512);
         streak(&mut nm512, &mut z512);
+        streak(&mut nm4, &mut z4);
         streak(&mut split4, &mut d4);
         streak(&mut packed4, &mut p4);
         memcpy_streak(&mut split4, &mut m4);
@@ -388,7 +388,7 @@ fn compare() {
     let (d4, p4, m4) = (median(d4), median(p4), median(m4));
     let (d512, p512, m512) = (median(d512), median(p512), median(m512));
     let (x4, x512) = (median(x4), median(x512));
-    let (y512, z512) = (median(y512), median(z512));
+    let (y512, z512, z4) = (median(y512), median(z512), median(z4));
     let (f4, f512, g4, g512) = (median(f4), median(f512), median(g4), median(g512));
     println!(
         "virtio-blk reads, batches of {BATCH}, {rounds} rounds: 4 KiB split {:.0} req/s ({:.0} MiB/s), packed {:.0} req/s; 512 B split {:.0} req/s, packed {:.0} req/s",
@@ -447,6 +447,13 @@ fn compare() {
         per_s(z512),
         per_s(x512),
         per_s(z512) / per_s(x512)
+    );
+    println!(
+        "compare: blk_read_4k_mapped_poll_mib_per_s vmkit(map_reads, poll_us={})={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+        poll_us(),
+        mib_s(z4, 4096),
+        mib_s(m4, 4096),
+        mib_s(z4, 4096) / mib_s(m4, 4096)
     );
     println!(
         "compare: blk_read_4k_packed_req_per_s vmkit={:.0} baseline(split ring)={:.0} ratio={:.3}",

@@ -31,7 +31,7 @@
 //! million requests per second at 512 B; `preadv` costs 1–2 µs per call on
 //! the virtualised hosts measured and stays near a third of memcpy and
 //! 0.4–0.6M requests per second (a bare loop of the same reads, with no
-//! device at all, manages 0.85–1.3M; io_uring was slower there, 2.0–2.7 µs
+//! device at all, manages 0.75–1.3M; io_uring was slower there, 2.0–2.7 µs
 //! per 512 B read from tmpfs). They still stay opt-in, because:
 //!
 //! - a mapping turns someone else's truncation of the image into `SIGBUS`,
