@@ -398,74 +398,96 @@ fn compare() {
         per_s(d512),
         per_s(p512)
     );
-    println!(
-        "compare: blk_read_4k_mib_per_s vmkit(default: preadv)={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+    let compare = |name: &str, vmkit: &str, value: f64, baseline: &str, base: f64| {
+        println!(
+            "compare: {name} {vmkit}={value:.0} baseline({baseline})={base:.0} ratio={:.3}",
+            value / base
+        );
+    };
+    let p = poll_us();
+    let memcpy = "memcpy into guest memory";
+    let default = "vmkit(default: preadv)";
+    let floor = "bare preadv loop, no device";
+    let (mapped_poll, poll) = (
+        format!("vmkit(map_reads, poll_us={p})"),
+        format!("vmkit(poll_us={p})"),
+    );
+    compare(
+        "blk_read_4k_mib_per_s",
+        default,
         mib_s(d4, 4096),
+        memcpy,
         mib_s(m4, 4096),
-        mib_s(d4, 4096) / mib_s(m4, 4096)
     );
-    println!(
-        "compare: blk_read_512_req_per_s vmkit(default: preadv)={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_512_req_per_s",
+        default,
         per_s(d512),
+        memcpy,
         per_s(m512),
-        per_s(d512) / per_s(m512)
     );
-    println!(
-        "compare: blk_read_4k_syscall_floor_mib_per_s vmkit(default: preadv)={:.0} baseline(bare preadv loop, no device)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_4k_syscall_floor_mib_per_s",
+        default,
         mib_s(g4, 4096),
+        floor,
         mib_s(f4, 4096),
-        mib_s(g4, 4096) / mib_s(f4, 4096)
     );
-    println!(
-        "compare: blk_read_512_syscall_floor_req_per_s vmkit(default: preadv)={:.0} baseline(bare preadv loop, no device)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_512_syscall_floor_req_per_s",
+        default,
         per_s(g512),
+        floor,
         per_s(f512),
-        per_s(g512) / per_s(f512)
     );
-    println!(
-        "compare: blk_read_4k_mapped_mib_per_s vmkit(map_reads)={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_4k_mapped_mib_per_s",
+        "vmkit(map_reads)",
         mib_s(x4, 4096),
+        memcpy,
         mib_s(m4, 4096),
-        mib_s(x4, 4096) / mib_s(m4, 4096)
     );
-    println!(
-        "compare: blk_read_512_mapped_req_per_s vmkit(map_reads)={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_512_mapped_req_per_s",
+        "vmkit(map_reads)",
         per_s(x512),
+        memcpy,
         per_s(m512),
-        per_s(x512) / per_s(m512)
     );
-    println!(
-        "compare: blk_read_512_poll_req_per_s vmkit(poll_us={})={:.0} baseline(no polling)={:.0} ratio={:.3}",
-        poll_us(),
+    compare(
+        "blk_read_512_poll_req_per_s",
+        &poll,
         per_s(y512),
+        "no polling",
         per_s(d512),
-        per_s(y512) / per_s(d512)
     );
-    println!(
-        "compare: blk_read_512_mapped_poll_req_per_s vmkit(poll_us={})={:.0} baseline(no polling)={:.0} ratio={:.3}",
-        poll_us(),
+    compare(
+        "blk_read_512_mapped_poll_req_per_s",
+        &poll,
         per_s(z512),
+        "no polling",
         per_s(x512),
-        per_s(z512) / per_s(x512)
     );
-    println!(
-        "compare: blk_read_4k_mapped_poll_mib_per_s vmkit(map_reads, poll_us={})={:.0} baseline(memcpy into guest memory)={:.0} ratio={:.3}",
-        poll_us(),
+    compare(
+        "blk_read_4k_mapped_poll_mib_per_s",
+        &mapped_poll,
         mib_s(z4, 4096),
+        memcpy,
         mib_s(m4, 4096),
-        mib_s(z4, 4096) / mib_s(m4, 4096)
     );
-    println!(
-        "compare: blk_read_4k_packed_req_per_s vmkit={:.0} baseline(split ring)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_4k_packed_req_per_s",
+        "vmkit",
         per_s(p4),
+        "split ring",
         per_s(d4),
-        per_s(p4) / per_s(d4)
     );
-    println!(
-        "compare: blk_read_512_packed_req_per_s vmkit={:.0} baseline(split ring)={:.0} ratio={:.3}",
+    compare(
+        "blk_read_512_packed_req_per_s",
+        "vmkit",
         per_s(p512),
+        "split ring",
         per_s(d512),
-        per_s(p512) / per_s(d512)
     );
 }
 
